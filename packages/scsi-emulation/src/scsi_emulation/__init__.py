@@ -1,0 +1,1 @@
+"""An emulated SCSI target: SPC/SBC block devices over storage back-ends, dispatched by LUN."""

@@ -1,0 +1,1 @@
+"""A vhost-user virtio-scsi device daemon serving image files to QEMU guests."""
