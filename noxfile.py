@@ -57,11 +57,12 @@ def typecheck(session: nox.Session) -> None:
     for dist, _ in PACKAGES:
         targets.append(f"packages/{dist}/src")
     session.run("mypy", "--strict", *targets)
-    # Tests are checked per package: several test directories share module names.
+    # Tests, examples and benchmarks are checked per directory: several share module names.
     for dist, _ in PACKAGES:
-        tests = ROOT / "packages" / dist / "tests"
-        if any(tests.glob("*.py")):
-            session.run("mypy", "--strict", str(tests.relative_to(ROOT)))
+        for sub in ("tests", "examples", "benchmarks"):
+            path = ROOT / "packages" / dist / sub
+            if any(path.glob("*.py")):
+                session.run("mypy", "--strict", str(path.relative_to(ROOT)))
     for extra in ("tests", "benchmarks", "noxfile.py"):
         if (ROOT / extra).exists():
             session.run("mypy", "--strict", extra)
