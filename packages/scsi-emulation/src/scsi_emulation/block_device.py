@@ -1,0 +1,477 @@
+"""`BlockDevice`: an SBC direct-access logical unit over a `StorageBackend`.
+
+Holds the LU's state (capacity, mode pages, unit attentions, RESERVE(6) holder, PREVENT
+state, medium presence), the per-command admission checks (unit attention, reservation
+conflict, no medium: SAM-5 5.14, SPC-2 5.5.1), the dispatch table, and the hot path: READ and
+WRITE (6/10/12/16) moving data straight between the back-end and the request's buffers. The
+other SPC and SBC commands live in `spc_commands` and `sbc_commands`. Knows nothing about
+transports.
+
+Hot path cost: one set membership test (is this nexus free of unit attentions and
+reservation conflicts?), one list index for dispatch, one precompiled ``struct`` unpack, a
+bounds check, ``buffers()``/``preadv``/``advance``, and a shared GOOD response.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import struct
+from collections.abc import Callable, Hashable
+
+from scsi_core.opcodes import Opcode
+from scsi_core.sense import Asc, SenseKey
+from scsi_core.status import Status
+from scsi_core.target import Completion, Request, Response, TaskManagementFunction, TmfResponse
+
+from scsi_emulation.backend import BackendError, StorageBackend
+from scsi_emulation.command_table import BLOCK_DEVICE_COMMANDS, CommandInfo
+from scsi_emulation.errors import GOOD, CommandError, check_condition, invalid_field_in_cdb
+from scsi_emulation.io_pool import IoWorkerPool
+from scsi_emulation.logical_unit import LogicalUnit, LunLister
+from scsi_emulation.mode_pages import ModePages
+from scsi_emulation.options import BlockDeviceOptions
+from scsi_emulation.unit_attention import UnitAttentions
+
+__all__ = ["BlockDevice"]
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[Request, Completion], "Response | None"]
+CommandFunction = Callable[["BlockDevice", Request], Response]
+
+_CDB6 = struct.Struct(">xBHBx")  # LBA 20..16, LBA 15..0, TRANSFER LENGTH
+_CDB10 = struct.Struct(">xBIxH")  # flags, LBA, TRANSFER LENGTH
+_CDB12 = struct.Struct(">xBII")
+_CDB16 = struct.Struct(">xBQI")
+
+_RESERVATION_CONFLICT = Response(Status.RESERVATION_CONFLICT)
+
+# Commands a unit attention does not interrupt (SAM-5 5.14): they run and leave it pending.
+_UA_EXEMPT = frozenset((Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE))
+# Commands allowed from other nexuses while RESERVE(6) is held (SPC-2 5.5.1 table 10).
+_RESERVATION_EXEMPT = frozenset(
+    (
+        Opcode.INQUIRY,
+        Opcode.REQUEST_SENSE,
+        Opcode.REPORT_LUNS,
+        Opcode.RELEASE_6,
+        Opcode.RELEASE_10,
+        Opcode.MAINTENANCE_IN,
+        Opcode.LOG_SENSE,
+        Opcode.READ_CAPACITY_10,
+        Opcode.SERVICE_ACTION_IN_16,
+    )
+)
+# Commands that work with no medium loaded.
+_NO_MEDIUM_OK = frozenset(
+    (
+        Opcode.INQUIRY,
+        Opcode.REQUEST_SENSE,
+        Opcode.REPORT_LUNS,
+        Opcode.MODE_SENSE_6,
+        Opcode.MODE_SENSE_10,
+        Opcode.MODE_SELECT_6,
+        Opcode.MODE_SELECT_10,
+        Opcode.START_STOP_UNIT,
+        Opcode.PREVENT_ALLOW_MEDIUM_REMOVAL,
+        Opcode.MAINTENANCE_IN,
+        Opcode.RESERVE_6,
+        Opcode.RELEASE_6,
+    )
+)
+
+_INVALID_OPCODE = CommandError(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_COMMAND_OPERATION_CODE)
+_LBA_OUT_OF_RANGE = CommandError(SenseKey.ILLEGAL_REQUEST, Asc.LOGICAL_BLOCK_ADDRESS_OUT_OF_RANGE)
+_WRITE_PROTECTED = CommandError(SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED)
+_SHORT_DATA_OUT = CommandError(
+    SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_COMMAND_INFORMATION_UNIT
+)
+_PROTECT_FIELD = invalid_field_in_cdb(1, 7)  # RDPROTECT/WRPROTECT without protection info
+
+
+def check_cdb(cdb: bytes | memoryview, usage: bytes) -> None:
+    """Reject bits the command does not use (SPC-5 4.2.5.1, reserved fields) and NACA=1.
+
+    Raises INVALID FIELD IN CDB pointing at the first offending bit.
+    """
+    last = len(usage) - 1
+    if len(cdb) < len(usage):
+        raise invalid_field_in_cdb(len(cdb))
+    for i in range(1, last):
+        bad = cdb[i] & ~usage[i] & 0xFF
+        if bad:
+            raise invalid_field_in_cdb(i, bad.bit_length() - 1)
+    if cdb[last] & 0x04:  # NACA: NORMACA is 0 in our INQUIRY data (SAM-5 5.11)
+        raise invalid_field_in_cdb(last, 2)
+
+
+def backend_error(e: BackendError, writing: bool) -> CommandError:
+    """The sense for a failed back-end call (SBC-4 4.x; thin provisioning 4.7.3.7)."""
+    logger.warning("back-end %s error: %s", "write" if writing else "read", e)
+    if writing and e.errno == 28:  # ENOSPC
+        return CommandError(SenseKey.DATA_PROTECT, Asc.SPACE_ALLOCATION_FAILED_WRITE_PROTECT)
+    if writing:
+        return CommandError(SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR)
+    return CommandError(SenseKey.MEDIUM_ERROR, Asc.UNRECOVERED_READ_ERROR)
+
+
+class BlockDevice(LogicalUnit):
+    """A direct-access block device (peripheral type 00h) backed by ``backend``.
+
+    ``io_pool``: when given, reads go through ``backend.read_nowait`` first and whatever it
+    could not serve without blocking is finished on a pool thread (``execute`` then returns
+    None and calls ``complete`` later). Without it every command completes inline.
+
+    Attributes without a leading underscore are the state the command modules read and
+    update; they are not meant for other callers.
+    """
+
+    def __init__(
+        self,
+        backend: StorageBackend,
+        options: BlockDeviceOptions | None = None,
+        *,
+        io_pool: IoWorkerPool | None = None,
+    ) -> None:
+        self.backend = backend
+        self.options = options = options or BlockDeviceOptions()
+        self.block_size = options.block_size
+        self.shift = self.block_size.bit_length() - 1
+        self.nblocks = backend.size >> self.shift
+        self.read_only = options.read_only or backend.read_only
+        self.mode = ModePages(options.write_cache, options.descriptor_sense)
+        self.durable = not options.write_cache
+        self.ua = UnitAttentions()
+        self.reservation: Hashable | None = None
+        self.prevent: set[Hashable] = set()
+        self.medium_present = True
+        self.lun = 0
+        self.lister: LunLister = lambda: [self.lun]
+        self._pool = io_pool
+        # Nexuses that may take the hot path: no unit attention pending, no conflict.
+        self._fast: set[Hashable] = set()
+        self.commands = self._supported_commands()
+        self._handlers: list[Handler] = self._build_handlers()
+
+    # -- configuration -------------------------------------------------------------------
+
+    def _supported_commands(self) -> tuple[CommandInfo, ...]:
+        thin = self.options.thin_provisioning
+        return tuple(c for c in BLOCK_DEVICE_COMMANDS if thin or c.opcode != Opcode.UNMAP)
+
+    def _build_handlers(self) -> list[Handler]:
+        from scsi_emulation.sbc_commands import SBC_COMMANDS
+        from scsi_emulation.spc_commands import SPC_COMMANDS
+
+        functions: dict[tuple[int, int | None], CommandFunction] = {**SPC_COMMANDS, **SBC_COMMANDS}
+        handlers: list[Handler] = [self._invalid_opcode] * 256
+        by_opcode: dict[int, dict[int, Handler]] = {}
+        for info in self.commands:
+            fn = functions.get((info.opcode, info.service_action))
+            if fn is None:
+                continue
+            handler: Handler = functools.partial(self._checked, fn, info.usage)
+            if info.service_action is None:
+                handlers[info.opcode] = handler
+            else:
+                by_opcode.setdefault(info.opcode, {})[info.service_action] = handler
+        for opcode, actions in by_opcode.items():
+            handlers[opcode] = functools.partial(self._by_service_action, actions)
+        hot: dict[int, Handler] = {
+            Opcode.READ_6: self._read6,
+            Opcode.READ_10: self._read10,
+            Opcode.READ_12: self._read12,
+            Opcode.READ_16: self._read16,
+            Opcode.WRITE_6: self._write6,
+            Opcode.WRITE_10: self._write10,
+            Opcode.WRITE_12: self._write12,
+            Opcode.WRITE_16: self._write16,
+        }
+        for opcode, handler in hot.items():
+            handlers[opcode] = handler
+        return handlers
+
+    def _checked(
+        self, fn: CommandFunction, usage: bytes, request: Request, complete: Completion
+    ) -> Response:
+        check_cdb(request.cdb, usage)
+        return fn(self, request)
+
+    def _by_service_action(
+        self, actions: dict[int, Handler], request: Request, complete: Completion
+    ) -> Response | None:
+        handler = actions.get(request.cdb[1] & 0x1F)
+        if handler is None:
+            raise invalid_field_in_cdb(1, 4)  # SPC-5 4.2.5.1: unsupported service action
+        return handler(request, complete)
+
+    def _invalid_opcode(self, request: Request, complete: Completion) -> Response:
+        raise _INVALID_OPCODE
+
+    def attach(self, lun: int, lister: LunLister) -> None:
+        self.lun = lun
+        self.lister = lister
+
+    # -- execution -----------------------------------------------------------------------
+
+    def execute(self, request: Request, complete: Completion) -> Response | None:
+        try:
+            if request.nexus not in self._fast:
+                refused = self._admit(request)
+                if refused is not None:
+                    return refused
+            return self._handlers[request.cdb[0]](request, complete)
+        except CommandError as e:
+            return self.error_response(e, request)
+
+    def error_response(self, error: CommandError, request: Request) -> Response:
+        """CHECK CONDITION for ``error``, in the sense format D_SENSE selects, with residual."""
+        writer, reader = request.data_in, request.data_out
+        residual = writer.remaining() if writer else reader.remaining() if reader else 0
+        return error.response(self.mode.d_sense, residual)
+
+    def _admit(self, request: Request) -> Response | None:
+        """The checks that come before a command runs, for a nexus not on the fast list."""
+        nexus = request.nexus
+        cdb = request.cdb
+        if not cdb:
+            raise _INVALID_OPCODE
+        op = cdb[0]
+        code = self.ua.peek(nexus)
+        if code is not None and op not in _UA_EXEMPT:
+            self.ua.pop(nexus)
+            return check_condition(SenseKey.UNIT_ATTENTION, code, None, self.mode.d_sense)
+        held = self.reservation
+        if (
+            held is not None
+            and held != nexus
+            and op not in _RESERVATION_EXEMPT
+            # PREVENT ALLOW with PREVENT=0 is allowed (SPC-2 5.5.1)
+            and not (op == Opcode.PREVENT_ALLOW_MEDIUM_REMOVAL and len(cdb) > 4 and not cdb[4] & 3)
+        ):
+            return _RESERVATION_CONFLICT
+        if not self.medium_present and op not in _NO_MEDIUM_OK:
+            raise CommandError(SenseKey.NOT_READY, Asc.MEDIUM_NOT_PRESENT)
+        if code is None and (held is None or held == nexus) and self.medium_present:
+            self._fast.add(nexus)
+        return None
+
+    def invalidate_fast_path(self) -> None:
+        """Make every nexus go through the admission checks again (state changed)."""
+        self._fast.clear()
+
+    # -- hot path: READ / WRITE --------------------------------------------------------
+
+    def _read6(self, request: Request, complete: Completion) -> Response | None:
+        hi, lo, n = _CDB6.unpack_from(request.cdb)
+        return self.read(request, complete, ((hi & 0x1F) << 16) | lo, n or 256)
+
+    def _read10(self, request: Request, complete: Completion) -> Response | None:
+        flags, lba, n = _CDB10.unpack_from(request.cdb)
+        if flags & 0xE0:
+            raise _PROTECT_FIELD
+        return self.read(request, complete, lba, n)
+
+    def _read12(self, request: Request, complete: Completion) -> Response | None:
+        flags, lba, n = _CDB12.unpack_from(request.cdb)
+        if flags & 0xE0:
+            raise _PROTECT_FIELD
+        return self.read(request, complete, lba, n)
+
+    def _read16(self, request: Request, complete: Completion) -> Response | None:
+        flags, lba, n = _CDB16.unpack_from(request.cdb)
+        if flags & 0xE0:
+            raise _PROTECT_FIELD
+        return self.read(request, complete, lba, n)
+
+    def read(self, request: Request, complete: Completion, lba: int, n: int) -> Response | None:
+        """Read ``n`` blocks at ``lba`` into the data-in buffer (SBC-4 5.15).
+
+        A data-in buffer shorter than the transfer gets what fits (FCP-4 9.4.2 a); the
+        residual is the unfilled part of the buffer.
+        """
+        nblocks = self.nblocks
+        if lba + n > nblocks or lba >= nblocks:
+            raise _LBA_OUT_OF_RANGE
+        writer = request.data_in
+        if writer is None:
+            return GOOD
+        capacity = writer.remaining()
+        want = n << self.shift
+        if want > capacity:
+            want = capacity
+        if want:
+            offset = lba << self.shift
+            try:
+                if self._pool is None:
+                    self.backend.read(offset, writer.buffers(want), want)
+                else:
+                    got = self.backend.read_nowait(offset, writer.buffers(want), want)
+                    if got < want:
+                        writer.advance(got)
+                        self._read_later(request, complete, offset + got, want - got)
+                        return None
+            except BackendError as e:
+                raise backend_error(e, writing=False) from e
+            writer.advance(want)
+        if want == capacity:
+            return GOOD
+        return Response(Status.GOOD, b"", capacity - want)
+
+    def _read_later(self, request: Request, complete: Completion, offset: int, length: int) -> None:
+        pool = self._pool
+        assert pool is not None
+
+        def job() -> None:
+            writer = request.data_in
+            assert writer is not None
+            try:
+                self.backend.read(offset, writer.buffers(length), length)
+                writer.advance(length)
+                left = writer.remaining()
+                response = Response(Status.GOOD, b"", left) if left else GOOD
+            except BackendError as e:
+                response = self.error_response(backend_error(e, writing=False), request)
+            except Exception:
+                logger.exception("read job failed")
+                response = self.error_response(
+                    CommandError(SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE), request
+                )
+            complete(response)
+
+        pool.submit(job)
+
+    def _write6(self, request: Request, complete: Completion) -> Response:
+        hi, lo, n = _CDB6.unpack_from(request.cdb)
+        return self.write(request, ((hi & 0x1F) << 16) | lo, n or 256, False)
+
+    def _write10(self, request: Request, complete: Completion) -> Response:
+        flags, lba, n = _CDB10.unpack_from(request.cdb)
+        if flags & 0xE0:
+            raise _PROTECT_FIELD
+        return self.write(request, lba, n, bool(flags & 0x08))
+
+    def _write12(self, request: Request, complete: Completion) -> Response:
+        flags, lba, n = _CDB12.unpack_from(request.cdb)
+        if flags & 0xE0:
+            raise _PROTECT_FIELD
+        return self.write(request, lba, n, bool(flags & 0x08))
+
+    def _write16(self, request: Request, complete: Completion) -> Response:
+        flags, lba, n = _CDB16.unpack_from(request.cdb)
+        if flags & 0xE0:
+            raise _PROTECT_FIELD
+        return self.write(request, lba, n, bool(flags & 0x08))
+
+    def write(self, request: Request, lba: int, n: int, fua: bool) -> Response:
+        """Write ``n`` blocks at ``lba`` from the data-out buffer (SBC-4 5.40).
+
+        Durable before GOOD when FUA is set or the write cache is off (WCE=0). A data-out
+        buffer shorter than the transfer writes nothing (FCP-4 9.4.2 b).
+        """
+        if self.read_only:
+            raise _WRITE_PROTECTED
+        nblocks = self.nblocks
+        if lba + n > nblocks or lba >= nblocks:
+            raise _LBA_OUT_OF_RANGE
+        reader = request.data_out
+        want = n << self.shift
+        if want:
+            if reader is None or reader.remaining() < want:
+                raise _SHORT_DATA_OUT
+            try:
+                self.backend.write(
+                    lba << self.shift, reader.buffers(want), want, fua or self.durable
+                )
+            except BackendError as e:
+                raise backend_error(e, writing=True) from e
+            reader.advance(want)
+        left = reader.remaining() if reader is not None else 0
+        return Response(Status.GOOD, b"", left) if left else GOOD
+
+    def check_range(self, lba: int, n: int) -> None:
+        """LOGICAL BLOCK ADDRESS OUT OF RANGE unless ``lba``..``lba+n`` is on the medium."""
+        if lba + n > self.nblocks or lba >= self.nblocks:
+            raise _LBA_OUT_OF_RANGE
+
+    def check_writable(self) -> None:
+        """DATA PROTECT, WRITE PROTECTED on a read-only LU."""
+        if self.read_only:
+            raise _WRITE_PROTECTED
+
+    def require_data_out(self, request: Request, length: int) -> None:
+        """INVALID FIELD IN COMMAND INFORMATION UNIT unless ``length`` bytes of data-out exist."""
+        reader = request.data_out
+        if length and (reader is None or reader.remaining() < length):
+            raise _SHORT_DATA_OUT
+
+    # -- state changes -------------------------------------------------------------------
+
+    def set_write_cache(self, enabled: bool) -> None:
+        """WCE changed (MODE SELECT): with it off, every write is durable before GOOD."""
+        self.durable = not enabled
+
+    def resize(self) -> None:
+        """Re-read the back-end size; tell every nexus CAPACITY DATA HAS CHANGED."""
+        refresh = getattr(self.backend, "refresh_size", None)
+        if callable(refresh):
+            refresh()
+        self.nblocks = self.backend.size >> self.shift
+        self.establish_unit_attention(Asc.CAPACITY_DATA_HAS_CHANGED)
+
+    def establish_unit_attention(self, code: Asc, nexus: Hashable | None = None) -> None:
+        self.ua.establish(code, nexus)
+        self._fast.clear()
+
+    def set_medium(self, present: bool) -> None:
+        """Load or eject the medium (removable LUs)."""
+        self.medium_present = present
+        self._fast.clear()
+        if present:
+            self.establish_unit_attention(Asc.NOT_READY_TO_READY_CHANGE_MEDIUM_MAY_HAVE_CHANGED)
+
+    def set_reservation(self, nexus: Hashable | None) -> None:
+        """RESERVE(6) holder (None: released)."""
+        self.reservation = nexus
+        self._fast.clear()
+
+    def task_management(
+        self, function: TaskManagementFunction, tag: int = 0, nexus: Hashable = 0
+    ) -> TmfResponse:
+        f = TaskManagementFunction
+        if function == f.LOGICAL_UNIT_RESET:
+            self._reset(Asc.BUS_DEVICE_RESET_FUNCTION_OCCURRED)
+        elif function in (f.TARGET_WARM_RESET, f.TARGET_COLD_RESET):
+            self._reset(Asc.POWER_ON_RESET_OR_BUS_DEVICE_RESET_OCCURRED)
+        elif function == f.I_T_NEXUS_RESET:
+            self.forget_nexus(nexus)
+            self.establish_unit_attention(Asc.I_T_NEXUS_LOSS_OCCURRED, nexus)
+        elif function == f.CLEAR_ACA:
+            return TmfResponse.FUNCTION_REJECTED
+        elif (
+            function == f.QUERY_ASYNCHRONOUS_EVENT
+            and self.ua.known(nexus)
+            and self.ua.peek(nexus) is not None
+        ):
+            return TmfResponse.FUNCTION_SUCCEEDED
+        # ABORT TASK / ABORT TASK SET / CLEAR TASK SET / QUERY TASK (SET): every command
+        # here has completed by the time a TMF can be processed, or is a pool read that
+        # will complete on its own; there is nothing to abort.
+        return TmfResponse.FUNCTION_COMPLETE
+
+    def _reset(self, code: Asc) -> None:
+        """LOGICAL UNIT RESET (SAM-5 7.7): release RESERVE(6), clear PREVENT, unit attention."""
+        self.reservation = None
+        self.prevent.clear()
+        self.establish_unit_attention(code)
+
+    def forget_nexus(self, nexus: Hashable) -> None:
+        if self.reservation == nexus:
+            self.reservation = None
+        self.prevent.discard(nexus)
+        self.ua.forget(nexus)
+        self._fast.clear()
+
+    def close(self) -> None:
+        self.backend.close()

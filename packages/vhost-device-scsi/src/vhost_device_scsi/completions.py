@@ -1,0 +1,77 @@
+"""A thread-safe hand-off of late completions to the thread that owns the virtqueues.
+
+A target may finish a command on a worker thread (scsi_core.target, "Pending"). The virtqueue
+is not thread-safe, so the worker only appends (item, response) to a deque and bumps an eventfd;
+the device's trio task wakes on the eventfd and finishes the requests, in batches, on its own
+thread. Knows nothing about SCSI, virtio or what the items are.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from typing import Generic, TypeVar
+
+# trio 0.22 ships no type information; newer trio does.
+import trio
+
+__all__ = ["CompletionChannel"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class CompletionChannel(Generic[T, R]):
+    """deque + eventfd: `post` from any thread, `drain` and `wait` on the owning thread."""
+
+    __slots__ = ("_closed", "_fd", "_items")
+
+    def __init__(self) -> None:
+        self._items: collections.deque[tuple[T, R]] = collections.deque()
+        self._fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._closed = False
+
+    def post(self, item: T, result: R) -> None:
+        """Queue one completion and wake the owner (thread-safe: deque.append is atomic)."""
+        self._items.append((item, result))
+        try:
+            os.eventfd_write(self._fd, 1)
+        except OSError:
+            # Closed after the connection went away: nobody is left to hear about it.
+            logger.debug("completion posted after the channel closed; dropped")
+
+    def drain(self) -> Iterator[tuple[T, R]]:
+        """Yield every queued completion, including ones posted while draining."""
+        items = self._items
+        while items:
+            yield items.popleft()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def wait(self) -> None:
+        """Sleep until at least one `post` happened since the last wait (resets the counter)."""
+        while True:
+            try:
+                os.eventfd_read(self._fd)
+                return
+            except BlockingIOError:
+                pass
+            if self._items:
+                return
+            await trio.lowlevel.wait_readable(self._fd)
+
+    def close(self) -> None:
+        """Release the eventfd; later posts are dropped. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            fd, self._fd = self._fd, -1
+            # Outside trio (RuntimeError) nobody can be waiting on it.
+            with contextlib.suppress(RuntimeError):
+                trio.lowlevel.notify_closing(fd)
+            os.close(fd)

@@ -1,0 +1,190 @@
+"""The running daemon: LUNs, the vhost-user listener, the control socket, signals.
+
+Holds `Daemon`, which opens the images into a `LunTable`, owns the listening sockets, serves
+front-ends one at a time with `vhost_user.serve` (each connection gets a fresh `ScsiBackend`
+over the same target, so LUN state survives reconnection), carries out control-socket commands
+and announces them to the connected driver as virtio-scsi events, and stops cleanly on SIGINT or
+SIGTERM. Knows nothing about the wire formats: those belong to the modules it wires together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+from functools import partial
+
+# trio 0.22 ships no type information; newer trio does.
+import trio
+from vhost_user import serve
+
+from .cli import CliError, DaemonOptions, bind_unix, prepare_listener
+from .control import AddLun, Command, ControlError, ListLuns, RemoveLun, ResizeLun, serve_control
+from .device import DeviceSettings, ScsiBackend
+from .luns import LunError, LunSpec, LunTable
+
+__all__ = ["Daemon", "DaemonError"]
+
+logger = logging.getLogger(__name__)
+
+
+class DaemonError(Exception):
+    """The daemon cannot start (an image cannot be opened...); the message is for the operator."""
+
+
+class Daemon:
+    """One daemon process: a target with its LUNs, served on one vhost-user socket."""
+
+    def __init__(
+        self,
+        options: DaemonOptions,
+        luns: LunTable,
+        listener: socket.socket,
+        control: socket.socket | None,
+    ) -> None:
+        self.options = options
+        self.luns = luns
+        self.listener = listener
+        self.control = control
+        self.settings = DeviceSettings(
+            num_request_queues=options.num_queues, max_queue_size=options.queue_size
+        )
+        #: The connected device instances (at most one: vhost_user serves one front-end).
+        self.backends: list[ScsiBackend] = []
+
+    @classmethod
+    def open(cls, options: DaemonOptions) -> Daemon:
+        """Open every image and socket, or raise DaemonError / CliError with one clear line."""
+        luns = LunTable()
+        try:
+            for image in options.images:
+                luns.add(
+                    LunSpec(
+                        lun=image.lun,
+                        path=image.path,
+                        read_only=options.read_only,
+                        solid_state=options.solid_state,
+                        block_size=options.block_size,
+                        write_cache=options.write_cache,
+                    )
+                )
+            listener = prepare_listener(options)
+        except LunError as exc:
+            luns.close()
+            raise DaemonError(str(exc)) from None
+        except CliError:
+            luns.close()
+            raise
+        control = None
+        if options.control_socket is not None:
+            try:
+                control = bind_unix(options.control_socket, "control socket")
+            except CliError:
+                luns.close()
+                listener.close()
+                raise
+        return cls(options, luns, listener, control)
+
+    # -- running ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until SIGINT or SIGTERM (blocking; needs the main thread for signals)."""
+        trio.run(self.serve)
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled or signalled; `task_status.started()` once listening."""
+        async with trio.open_nursery() as nursery:
+            with contextlib.suppress(RuntimeError, ValueError):  # not the main thread
+                await nursery.start(self._watch_signals, nursery.cancel_scope)
+            # serve() owns the fd from here and closes it; our object must not close it too.
+            fd = self.listener.detach()
+            await nursery.start(partial(serve, self._new_backend, listen_fd=fd))
+            if self.control is not None:
+                await nursery.start(serve_control, self.control, self.handle_command)
+            where = self.options.socket_path or f"fd {self.options.socket_fd}"
+            logger.info(
+                "serving %d LUN(s) on %s (%d request queue(s)%s)",
+                len(self.luns),
+                where,
+                self.options.num_queues,
+                f", control socket {self.options.control_socket}" if self.control else "",
+            )
+            task_status.started()
+
+    async def _watch_signals(
+        self,
+        scope: trio.CancelScope,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for signum in signals:
+                logger.info("%s: shutting down", signal.Signals(signum).name)
+                scope.cancel()
+                return
+
+    def _new_backend(self) -> ScsiBackend:
+        return ScsiBackend(
+            self.luns.target,
+            self.settings,
+            on_connect=self.backends.append,
+            on_disconnect=self.backends.remove,
+        )
+
+    def close(self) -> None:
+        """Release images and remove the socket files we created."""
+        self.luns.close()
+        with contextlib.suppress(OSError):
+            self.listener.close()
+        for path, sock in (
+            (self.options.socket_path, self.listener),
+            (self.options.control_socket, self.control),
+        ):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+
+    # -- control commands -------------------------------------------------------------------
+
+    async def handle_command(self, command: Command) -> str:
+        """Carry out one control command and tell the connected driver about it."""
+        try:
+            if isinstance(command, AddLun):
+                self.luns.add(
+                    LunSpec(
+                        lun=command.lun,
+                        path=command.image,
+                        read_only=command.read_only or self.options.read_only,
+                        solid_state=command.solid_state or self.options.solid_state,
+                        block_size=command.block_size or self.options.block_size,
+                        write_cache=self.options.write_cache
+                        if command.write_cache is None
+                        else command.write_cache,
+                    )
+                )
+                for backend in self.backends:
+                    backend.events.lun_added(command.lun)
+                logger.info("LUN %d added: %s", command.lun, command.image)
+                return f"LUN {command.lun} added"
+            if isinstance(command, RemoveLun):
+                self.luns.remove(command.lun)
+                for backend in self.backends:
+                    backend.events.lun_removed(command.lun)
+                logger.info("LUN %d removed", command.lun)
+                return f"LUN {command.lun} removed"
+            if isinstance(command, ResizeLun):
+                old, new = self.luns.resize(command.lun)
+                if new != old:
+                    for backend in self.backends:
+                        backend.events.capacity_changed(command.lun)
+                logger.info("LUN %d resized: %d -> %d bytes", command.lun, old, new)
+                return f"LUN {command.lun} size {new}"
+            assert isinstance(command, ListLuns)
+            return self.luns.describe()
+        except LunError as exc:
+            raise ControlError(str(exc)) from None
