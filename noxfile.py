@@ -1,6 +1,6 @@
 """Sessions for the whole monorepo: lint, types, unit tests, build check, guest tests, benchmarks.
 
-The README's test command runs `nox -s lint typecheck build tests e2e iscsi`; `.ci/run` runs
+The README's test command runs `nox -s lint typecheck build tests e2e conformance`; `.ci/run` runs
 exactly that command after installing the Debian packages it needs.
 """
 
@@ -15,7 +15,7 @@ import nox
 
 ROOT = pathlib.Path(__file__).parent
 nox.options.reuse_existing_virtualenvs = True
-nox.options.sessions = ["lint", "typecheck", "build", "tests", "e2e", "iscsi"]
+nox.options.sessions = ["lint", "typecheck", "build", "tests", "e2e", "conformance"]
 
 # In layering order: a package appears after everything it depends on.
 PACKAGES = [
@@ -75,7 +75,7 @@ def tests(session: nox.Session) -> None:
     session.run(
         "pytest",
         "-m",
-        "not e2e and not iscsi",
+        "not e2e and not iscsi and not backends",
         "-p",
         "no:cacheprovider",
         *session.posargs,
@@ -128,7 +128,7 @@ def e2e(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
-def iscsi(session: nox.Session) -> None:
+def conformance(session: nox.Session) -> None:
     """Run libiscsi's iscsi-test-cu conformance suite against the iSCSI target."""
     _install_packages(session)
     if not (ROOT / "tests" / "iscsi").exists():
