@@ -70,7 +70,7 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    """Every unit and integration test that needs no guest (e2e and iscsi have their own sessions)."""
+    """Every unit and integration test that needs no guest or external server."""
     _install_packages(session)
     session.run(
         "pytest",
@@ -100,8 +100,9 @@ def build(session: nox.Session) -> None:
         )  # fmt: skip
     check = (
         "import importlib, pkgutil, sys; m = importlib.import_module(sys.argv[1]); "
-        "[importlib.import_module(i.name) for i in pkgutil.walk_packages(m.__path__, m.__name__ + '.')]; "
-        "print('imported', sys.argv[1], 'and all its modules')"
+        "names = [i.name for i in pkgutil.walk_packages(m.__path__, m.__name__ + '.')]; "
+        "[importlib.import_module(n) for n in names]; "
+        "print('imported', sys.argv[1], 'and its', len(names), 'modules')"
     )
     for dist, module in PACKAGES:
         wheel = next(dist_dir.glob(f"{dist.replace('-', '_')}-*.whl"))
@@ -150,7 +151,7 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def daemon(session: nox.Session) -> None:
-    """Run the daemon on ./vhost-scsi.sock serving ./disk.img (a 1 GiB sparse image made if absent)."""
+    """Run the daemon on ./vhost-scsi.sock serving ./disk.img (1 GiB, sparse, made if absent)."""
     _install_packages(session)
     image = ROOT / "disk.img"
     if not image.exists():
@@ -162,6 +163,7 @@ def daemon(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def demo(session: nox.Session) -> None:
-    """Start the daemon on a fresh sparse image and boot a guest that partitions, formats, uses it."""
+    """Start the daemon on a fresh sparse image; boot a guest that partitions, formats, uses it."""
     _install_packages(session)
-    session.run("python", "tests/e2e/demo.py", *session.posargs, env={"PYTHONPATH": os.fspath(ROOT)})
+    env = {"PYTHONPATH": os.fspath(ROOT)}
+    session.run("python", "tests/e2e/demo.py", *session.posargs, env=env)
