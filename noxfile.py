@@ -100,7 +100,8 @@ def build(session: nox.Session) -> None:
         )  # fmt: skip
     check = (
         "import importlib, pkgutil, sys; m = importlib.import_module(sys.argv[1]); "
-        "names = [i.name for i in pkgutil.walk_packages(m.__path__, m.__name__ + '.')]; "
+        "names = [i.name for i in pkgutil.walk_packages(m.__path__, m.__name__ + '.') "
+        "if not i.name.endswith('.__main__')]; "
         "[importlib.import_module(n) for n in names]; "
         "print('imported', sys.argv[1], 'and its', len(names), 'modules')"
     )
