@@ -291,6 +291,14 @@ class BackendConnection:
                     "not a version 1 front-end request"
                 )
             name = _request_name(header.request)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "%s flags=%#x payload=%s fds=%d",
+                    name,
+                    header.flags,
+                    bytes(msg.payload[:40]).hex(),
+                    len(msg.fds),
+                )
             reply_bytes = self._dispatch(msg, name)
         finally:
             close_fds(msg.fds)  # whatever a handler did not take
@@ -706,6 +714,16 @@ class BackendConnection:
         if ring.vring is not None:
             ring.vring.call_fd = fd  # QEMU swaps call fds on live rings (guest notifier masking)
         self._close_fd(old)
+        if fd >= 0:
+            # QEMU sends SET_VRING_CALL without asking for a reply and checks the old (masked)
+            # notifier at once, while our queue tasks may still be signalling the old fd for
+            # requests the guest kicked meanwhile: that interrupt would be lost and the guest
+            # wait for a timeout. Signal the new fd once; a spurious interrupt only makes the
+            # driver look at a used ring with nothing new (libvhost-user does the same).
+            try:
+                os.eventfd_write(fd, 1)
+            except OSError as exc:
+                log.warning("vring %d: cannot signal the new call fd: %s", ring.index, exc)
 
     def _on_set_vring_err(self, msg: Message) -> None:
         ring, fd = self._vring_fd_request(msg)
