@@ -168,3 +168,21 @@ def demo(session: nox.Session) -> None:
     _install_packages(session)
     env = {"PYTHONPATH": os.fspath(ROOT)}
     session.run("python", "tests/e2e/demo.py", *session.posargs, env=env)
+
+
+@nox.session(
+    python="/usr/bin/python3" if os.path.exists("/usr/bin/python3") else PYTHON,
+    venv_params=["--system-site-packages"],
+)
+def backends(session: nox.Session) -> None:
+    """Storage back-ends against real servers: nbdkit, qemu-nbd, loop devices, Ceph RBD.
+
+    Runs under Debian's /usr/bin/python3 with its site packages, the only interpreter that
+    imports python3-rbd/python3-rados/python3-libnbd (see ../shared/backends.md); needs the
+    packages scripts/install-deps installs, and root for losetup. Tests skip with the reason
+    when a tool is missing.
+    """
+    _install_packages(session)
+    session.run(
+        "pytest", "-m", "backends", "-p", "no:cacheprovider", "tests/backends", *session.posargs
+    )

@@ -5,6 +5,11 @@ zeroes, allocation status) and `FileBackend`, which serves a raw image file (or 
 node) with ``os.preadv``/``os.pwritev`` straight into and out of the caller's memoryviews,
 ``fallocate(PUNCH_HOLE)`` for discard and ``SEEK_DATA``/``SEEK_HOLE`` for allocation status.
 Knows nothing about SCSI: offsets and lengths are in bytes, errors are `BackendError`.
+
+The asynchronous half of the interface (`StorageBackend.submit_read` / `submit_write` /
+`submit_flush`, completion through a ``done(error)`` callback) lets a remote back-end (NBD, RBD)
+keep many requests in flight; its default runs the blocking call and reports at once, so a
+local back-end needs nothing more. Other back-ends live in `scsi_emulation.backends`.
 """
 
 from __future__ import annotations
@@ -13,12 +18,13 @@ import ctypes
 import ctypes.util
 import errno
 import logging
+import mmap
 import os
 import stat
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
-__all__ = ["BackendError", "FileBackend", "StorageBackend"]
+__all__ = ["BackendError", "Done", "FileBackend", "StorageBackend"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +40,11 @@ Buffers = Sequence[memoryview]
 
 class BackendError(OSError):
     """An I/O error from the storage; ``errno`` says which (ENOSPC, EIO, ...)."""
+
+
+#: Completion of an asynchronous back-end call: None on success, else the error. Called
+#: exactly once, from any thread (possibly before ``submit_*`` returns); it must not raise.
+Done = Callable[[BackendError | None], None]
 
 
 class StorageBackend(ABC):
@@ -64,9 +75,61 @@ class StorageBackend(ABC):
         """The unit in which space is allocated and discarded (a file system block)."""
         return 4096
 
+    @property
+    def logical_block_size(self) -> int:
+        """The smallest unit the storage addresses: every offset and length the caller passes
+        must be a multiple of it (1: byte-addressable)."""
+        return 1
+
+    @property
+    def physical_block_size(self) -> int:
+        """The unit the storage writes without read-modify-write (READ CAPACITY(16) LBPPBE)."""
+        return self.allocation_granularity
+
+    @property
+    def asynchronous(self) -> bool:
+        """Whether ``submit_*`` complete later on another thread: a caller with many commands
+        in flight should use them rather than the blocking calls (remote storage)."""
+        return False
+
+    def refresh_size(self) -> int:
+        """Re-read the size (after the storage was resized outside); return it."""
+        return self.size
+
     @abstractmethod
     def read(self, offset: int, buffers: Buffers, length: int) -> None:
         """Fill ``buffers`` with ``length`` bytes from ``offset``."""
+
+    def submit_read(self, offset: int, buffers: Buffers, length: int, done: Done) -> None:
+        """Start `read`; ``done(error)`` when it finished. Default: the blocking call."""
+        try:
+            self.read(offset, buffers, length)
+        except BackendError as e:
+            done(e)
+            return
+        done(None)
+
+    def submit_write(
+        self, offset: int, buffers: Buffers, length: int, durable: bool, done: Done
+    ) -> None:
+        """Start `write`; ``done(error)`` when it finished. Default: the blocking call.
+
+        ``buffers`` must stay untouched until ``done`` runs."""
+        try:
+            self.write(offset, buffers, length, durable)
+        except BackendError as e:
+            done(e)
+            return
+        done(None)
+
+    def submit_flush(self, done: Done) -> None:
+        """Start `flush`; ``done(error)`` when it finished. Default: the blocking call."""
+        try:
+            self.flush()
+        except BackendError as e:
+            done(e)
+            return
+        done(None)
 
     def read_nowait(self, offset: int, buffers: Buffers, length: int) -> int:
         """Read without blocking; return how many leading bytes were filled (0..length).
@@ -121,13 +184,21 @@ class FileBackend(StorageBackend):
 
     ``nowait`` enables `read_nowait` through ``preadv(RWF_NOWAIT)``: a read that would have to
     wait for the disk returns early instead of blocking (Linux 4.14+, buffered reads).
+    ``direct`` opens with ``O_DIRECT``: offsets and lengths must then be multiples of the
+    device's logical block size; buffers that are not aligned in memory go through an aligned
+    bounce buffer, and `read_nowait` serves nothing (direct reads always wait for the disk).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, read_only: bool = False, direct: bool = False
+    ) -> None:
         flags = os.O_RDONLY if read_only else os.O_RDWR
+        if direct:  # bypass the page cache: buffers and offsets must be block aligned
+            flags |= os.O_DIRECT
         self._fd = os.open(path, flags | os.O_CLOEXEC)
         self._path = os.fspath(path)
         self._read_only = read_only
+        self._direct = direct
         st = os.fstat(self._fd)
         self._is_block = stat.S_ISBLK(st.st_mode)
         self._granularity = st.st_blksize or 4096
@@ -165,15 +236,55 @@ class FileBackend(StorageBackend):
     def allocation_granularity(self) -> int:
         return self._granularity
 
+    @property
+    def direct(self) -> bool:
+        """Whether the file was opened with ``O_DIRECT``."""
+        return self._direct
+
     def read(self, offset: int, buffers: Buffers, length: int) -> None:
+        self._read(offset, buffers, length, self._direct)
+
+    def _read(self, offset: int, buffers: Buffers, length: int, may_bounce: bool) -> None:
         try:
             n = os.preadv(self._fd, buffers, offset)
         except OSError as e:
+            if may_bounce and e.errno == errno.EINVAL:
+                self._bounce_read(offset, buffers, length)
+                return
             raise BackendError(e.errno, f"read at {offset}: {e.strerror}") from e
         if n != length:
             self._finish_read(offset, buffers, length, n)
 
+    def _bounce_read(self, offset: int, buffers: Buffers, length: int) -> None:
+        """O_DIRECT refused the caller's buffers (not aligned in memory): read into an
+        anonymous mapping (page aligned) and copy out."""
+        with mmap.mmap(-1, max(length, 1)) as bounce:
+            view = memoryview(bounce)
+            try:
+                self._read(offset, [view[:length]], length, False)
+                pos = 0
+                for buf in buffers:
+                    buf[:] = view[pos : pos + len(buf)]
+                    pos += len(buf)
+            finally:
+                view.release()
+
+    def _bounce_write(self, offset: int, buffers: Buffers, length: int, durable: bool) -> None:
+        """The write counterpart of `_bounce_read`."""
+        with mmap.mmap(-1, max(length, 1)) as bounce:
+            view = memoryview(bounce)
+            try:
+                pos = 0
+                for buf in buffers:
+                    view[pos : pos + len(buf)] = buf
+                    pos += len(buf)
+                self._write(offset, [view[:length]], length, durable, False)
+            finally:
+                view.release()
+
     def read_nowait(self, offset: int, buffers: Buffers, length: int) -> int:
+        if self._direct:
+            return 0
         try:
             return os.preadv(self._fd, buffers, offset, os.RWF_NOWAIT)
         except BlockingIOError:
@@ -199,6 +310,11 @@ class FileBackend(StorageBackend):
             done += n
 
     def write(self, offset: int, buffers: Buffers, length: int, durable: bool = False) -> None:
+        self._write(offset, buffers, length, durable, self._direct)
+
+    def _write(
+        self, offset: int, buffers: Buffers, length: int, durable: bool, may_bounce: bool
+    ) -> None:
         flags = os.RWF_DSYNC if durable else 0
         done = 0
         try:
@@ -211,6 +327,9 @@ class FileBackend(StorageBackend):
         except BackendError:
             raise
         except OSError as e:
+            if may_bounce and e.errno == errno.EINVAL and done == 0:
+                self._bounce_write(offset, buffers, length, durable)
+                return
             raise BackendError(e.errno, f"write at {offset + done}: {e.strerror}") from e
 
     def flush(self) -> None:

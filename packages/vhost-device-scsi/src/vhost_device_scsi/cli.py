@@ -90,12 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
             "target 0) to a QEMU guest attached with -device vhost-user-scsi-pci."
         ),
         epilog=(
-            "Images are raw files or block devices, one LUN each, numbered 0, 1, ... in order; "
-            "write N=PATH to choose LUN N (0..16383). The control socket takes line commands "
-            "(add-lun, remove-lun, resize, list): see the README."
+            "Images are raw files or block devices (PATH, file:PATH, file:PATH?direct=on for "
+            "O_DIRECT), NBD exports (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH) "
+            "or Ceph RBD images (rbd:POOL/IMAGE[?conf=PATH&id=USER]), one LUN each, numbered "
+            "0, 1, ... in order; write N=IMAGE to choose LUN N (0..16383). The control socket "
+            "takes line commands (add-lun, remove-lun, resize, list): see the README."
         ),
     )
-    p.add_argument("images", nargs="*", metavar="[LUN=]IMAGE", help="image file per LUN")
+    p.add_argument(
+        "images", nargs="*", metavar="[LUN=]IMAGE", help="image file, device or URI per LUN"
+    )
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--socket-path", metavar="PATH", help="unix socket to listen on")
     where.add_argument(
@@ -142,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_location(item: str, path: str) -> None:
+    """A URI that does not parse is an operator mistake caught before anything is opened."""
+    from scsi_emulation.backends.uri import LocationError, parse_location
+
+    try:
+        parse_location(path)
+    except LocationError as exc:
+        raise CliError(f"bad storage location {exc}") from None
+
+
 def _image_specs(items: Sequence[str]) -> tuple[ImageSpec, ...]:
     specs: list[ImageSpec] = []
     used: set[int] = set()
@@ -158,6 +172,7 @@ def _image_specs(items: Sequence[str]) -> tuple[ImageSpec, ...]:
                 lun += 1
         if not path:
             raise CliError(f"no image path in {item!r}")
+        _check_location(item, path)
         if lun in used:
             raise CliError(f"LUN {lun} is given twice ({item!r})")
         used.add(lun)

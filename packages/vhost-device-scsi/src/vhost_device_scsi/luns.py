@@ -1,7 +1,8 @@
-"""The LUN table: image files opened as emulated SCSI block devices of one target.
+"""The LUN table: storage opened as emulated SCSI block devices of one target.
 
-Holds `LunSpec` (what the operator asked for one LUN) and `LunTable`, which opens an image with
-`scsi_emulation.FileBackend`, wraps it in a `BlockDevice` and places it in the
+Holds `LunSpec` (what the operator asked for one LUN) and `LunTable`, which opens the storage
+(an image file, a block device, an NBD export or an RBD image: any location
+`scsi_emulation.backends.uri` parses), wraps it in a `BlockDevice` and places it in the
 `EmulatedTarget`; and removes, resizes and lists LUNs for the control socket. Errors are
 `LunError` with a message fit for the operator. Knows nothing about virtio or vhost-user.
 """
@@ -13,7 +14,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from scsi_emulation.backend import FileBackend
+from scsi_emulation.backends.uri import FileLocation, LocationError, open_backend, parse_location
 from scsi_emulation.block_device import BlockDevice
 from scsi_emulation.identity import DeviceIdentity
 from scsi_emulation.io_pool import IoWorkerPool
@@ -35,7 +36,7 @@ class LunError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class LunSpec:
-    """One LUN as configured: image path and presentation options."""
+    """One LUN as configured: storage location (path or URI) and presentation options."""
 
     lun: int
     path: str
@@ -46,8 +47,14 @@ class LunSpec:
 
 
 def _serial(path: str) -> str:
-    """A stable unit serial from the image's real path, so two daemons never share a WWN."""
-    return hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:20]
+    """A stable unit serial from the image's real path (or the URI of remote storage), so two
+    daemons never share a WWN."""
+    try:
+        location = parse_location(path)
+    except LocationError:
+        location = FileLocation(path)
+    key = os.path.realpath(location.path) if isinstance(location, FileLocation) else str(location)
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
 class LunTable:
@@ -72,10 +79,17 @@ class LunTable:
         if spec.lun in self._specs:
             raise LunError(f"LUN {spec.lun} is already attached ({self._specs[spec.lun].path})")
         try:
-            backend = FileBackend(spec.path, read_only=spec.read_only)
+            backend = open_backend(spec.path, read_only=spec.read_only)
+        except LocationError as exc:
+            raise LunError(f"bad storage location {exc}") from None
         except OSError as exc:
-            raise LunError(f"cannot open image {spec.path}: {exc.strerror or exc}") from None
+            raise LunError(exc.strerror or f"cannot open {spec.path}: {exc}") from None
         try:
+            if spec.block_size % backend.logical_block_size:
+                raise LunError(
+                    f"{spec.path} has {backend.logical_block_size}-byte logical blocks: "
+                    f"use --block-size {max(backend.logical_block_size, 512)}"
+                )
             if backend.size < spec.block_size:
                 raise LunError(
                     f"image {spec.path} is {backend.size} bytes, less than one "
@@ -87,8 +101,14 @@ class LunTable:
                     spec.path,
                     backend.size % spec.block_size,
                 )
+            # The SCSI answers follow the back-end: no UNMAP / LBPME where it cannot
+            # deallocate, and its physical block (when it is a multiple of the logical one).
+            pbs = backend.physical_block_size
+            physical = pbs if pbs >= spec.block_size and not pbs & (pbs - 1) else None
             try:
                 options = BlockDeviceOptions(
+                    physical_block_size=physical,
+                    thin_provisioning=backend.supports_discard,
                     read_only=spec.read_only,
                     solid_state=spec.solid_state,
                     block_size=spec.block_size,
