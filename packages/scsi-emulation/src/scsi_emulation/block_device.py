@@ -14,8 +14,10 @@ bounds check, ``buffers()``/``preadv``/``advance``, and a shared GOOD response.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
+import os
 import struct
 from collections.abc import Callable, Hashable
 
@@ -24,13 +26,16 @@ from scsi_core.sense import Asc, SenseKey
 from scsi_core.status import Status
 from scsi_core.target import Completion, Request, Response, TaskManagementFunction, TmfResponse
 
-from scsi_emulation.backend import BackendError, StorageBackend
-from scsi_emulation.command_table import BLOCK_DEVICE_COMMANDS, CommandInfo
+from scsi_emulation.backend import BackendError, FileBackend, StorageBackend
+from scsi_emulation.command_table import CommandInfo, supported_commands
 from scsi_emulation.errors import GOOD, CommandError, check_condition, invalid_field_in_cdb
+from scsi_emulation.extended_copy import register_device
 from scsi_emulation.io_pool import IoWorkerPool
 from scsi_emulation.logical_unit import LogicalUnit, LunLister
 from scsi_emulation.mode_pages import ModePages
 from scsi_emulation.options import BlockDeviceOptions
+from scsi_emulation.persistent_reservation import PersistentReservations
+from scsi_emulation.sanitize import SANITIZE_IN_PROGRESS, SANITIZE_PERMITTED
 from scsi_emulation.unit_attention import UnitAttentions
 
 __all__ = ["BlockDevice"]
@@ -116,6 +121,29 @@ def backend_error(e: BackendError, writing: bool) -> CommandError:
     return CommandError(SenseKey.MEDIUM_ERROR, Asc.UNRECOVERED_READ_ERROR)
 
 
+def nowait_reads_work(backend: StorageBackend) -> bool:
+    """Whether ``backend.read_nowait`` can say "not cached" rather than just block.
+
+    A file system without ``RWF_NOWAIT`` (tmpfs: EOPNOTSUPP) makes `FileBackend.read_nowait`
+    raise, catch and fall back to a blocking read on every call, which costs more than the
+    read itself; such a device reads inline instead, which is what the fallback did anyway.
+    A back-end may say so itself with a ``nowait_supported`` attribute; a `FileBackend` is
+    probed with a one-byte read.
+    """
+    declared = getattr(backend, "nowait_supported", None)
+    if isinstance(declared, bool):
+        return declared
+    if not isinstance(backend, FileBackend):
+        return True
+    try:
+        os.preadv(backend.fd, [bytearray(1)], 0, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return True
+    except OSError as e:
+        return e.errno != errno.EOPNOTSUPP
+    return True
+
+
 class BlockDevice(LogicalUnit):
     """A direct-access block device (peripheral type 00h) backed by ``backend``.
 
@@ -146,19 +174,23 @@ class BlockDevice(LogicalUnit):
         self.reservation: Hashable | None = None
         self.prevent: set[Hashable] = set()
         self.medium_present = True
+        self.pr = PersistentReservations()  # persistent reservations (SPC-4 5.12)
+        self.sanitizing = False  # an IMMED SANITIZE is running (SBC-4 4.11)
         self.lun = 0
         self.lister: LunLister = lambda: [self.lun]
-        self._pool = io_pool
+        # Reads try the page cache without blocking only where that can work; the pool then
+        # finishes the misses.
+        self._pool = io_pool if io_pool is not None and nowait_reads_work(backend) else None
         # Nexuses that may take the hot path: no unit attention pending, no conflict.
         self._fast: set[Hashable] = set()
         self.commands = self._supported_commands()
         self._handlers: list[Handler] = self._build_handlers()
+        register_device(self)  # EXTENDED COPY finds the target's other LUs through this
 
     # -- configuration -------------------------------------------------------------------
 
     def _supported_commands(self) -> tuple[CommandInfo, ...]:
-        thin = self.options.thin_provisioning
-        return tuple(c for c in BLOCK_DEVICE_COMMANDS if thin or c.opcode != Opcode.UNMAP)
+        return supported_commands(self.options)
 
     def _build_handlers(self) -> list[Handler]:
         from scsi_emulation.sbc_commands import SBC_COMMANDS
@@ -251,9 +283,20 @@ class BlockDevice(LogicalUnit):
             and not (op == Opcode.PREVENT_ALLOW_MEDIUM_REMOVAL and len(cdb) > 4 and not cdb[4] & 3)
         ):
             return _RESERVATION_CONFLICT
+        pr = self.pr
+        if pr.reservation is not None and pr.conflicts(nexus, cdb):
+            return _RESERVATION_CONFLICT
+        if self.sanitizing and op not in SANITIZE_PERMITTED:
+            raise SANITIZE_IN_PROGRESS
         if not self.medium_present and op not in _NO_MEDIUM_OK:
             raise CommandError(SenseKey.NOT_READY, Asc.MEDIUM_NOT_PRESENT)
-        if code is None and (held is None or held == nexus) and self.medium_present:
+        if (
+            code is None
+            and (held is None or held == nexus)
+            and self.medium_present
+            and pr.has_access(nexus)
+            and not self.sanitizing
+        ):
             self._fast.add(nexus)
         return None
 
@@ -376,10 +419,15 @@ class BlockDevice(LogicalUnit):
         if lba + n > nblocks or lba >= nblocks:
             raise _LBA_OUT_OF_RANGE
         reader = request.data_out
-        want = n << self.shift
-        if want:
-            if reader is None or reader.remaining() < want:
+        if reader is None:
+            if n:
                 raise _SHORT_DATA_OUT
+            return GOOD
+        capacity = reader.remaining()
+        want = n << self.shift
+        if capacity < want:
+            raise _SHORT_DATA_OUT
+        if want:
             try:
                 self.backend.write(
                     lba << self.shift, reader.buffers(want), want, fua or self.durable
@@ -387,7 +435,7 @@ class BlockDevice(LogicalUnit):
             except BackendError as e:
                 raise backend_error(e, writing=True) from e
             reader.advance(want)
-        left = reader.remaining() if reader is not None else 0
+        left = capacity - want
         return Response(Status.GOOD, b"", left) if left else GOOD
 
     def check_range(self, lba: int, n: int) -> None:

@@ -10,9 +10,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scsi_core.opcodes import MaintenanceIn, Opcode, ServiceActionIn16
+from scsi_core.opcodes import (
+    MaintenanceIn,
+    Opcode,
+    PersistentReserveIn,
+    PersistentReserveOut,
+    SanitizeServiceAction,
+    ServiceActionIn16,
+)
 
-__all__ = ["BLOCK_DEVICE_COMMANDS", "CommandInfo", "find_command"]
+from scsi_emulation.options import BlockDeviceOptions
+
+__all__ = ["BLOCK_DEVICE_COMMANDS", "CommandInfo", "find_command", "supported_commands"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +53,21 @@ def _verify(n: str) -> str:
 
 def _cache(n: str) -> str:
     return "02" + n[2:]  # IMMED
+
+
+def _prin(sa: PersistentReserveIn) -> CommandInfo:
+    # SERVICE ACTION, reserved, ALLOCATION LENGTH (SPC-4 6.15.1)
+    return _cmd(Opcode.PERSISTENT_RESERVE_IN, f"{sa:02x} 0000000000 ffff 00", sa, sa.name)
+
+
+def _prout(sa: PersistentReserveOut) -> CommandInfo:
+    # SERVICE ACTION, SCOPE|TYPE, reserved, PARAMETER LIST LENGTH (SPC-4 6.16.1)
+    return _cmd(Opcode.PERSISTENT_RESERVE_OUT, f"{sa:02x} ff 0000 ffffffff 00", sa, sa.name)
+
+
+def _sanitize(sa: SanitizeServiceAction) -> CommandInfo:
+    # IMMED, AUSE, SERVICE ACTION; PARAMETER LIST LENGTH (SBC-4 5.30.1)
+    return _cmd(Opcode.SANITIZE, f"{0xA0 | sa:02x} 0000000000 ffff 00", sa, f"SANITIZE_{sa.name}")
 
 
 BLOCK_DEVICE_COMMANDS: tuple[CommandInfo, ...] = (
@@ -107,7 +131,37 @@ BLOCK_DEVICE_COMMANDS: tuple[CommandInfo, ...] = (
     _cmd(Opcode.WRITE_12, _RW12),
     _cmd(Opcode.WRITE_AND_VERIFY_12, _verify(_RW12)),
     _cmd(Opcode.VERIFY_12, _verify(_RW12)),
+    _cmd(Opcode.READ_DEFECT_DATA_10, "00 1f 00000000 ffff 00"),  # PLIST GLIST FORMAT
+    _cmd(Opcode.READ_DEFECT_DATA_12, "1f ffffffff ffffffff 00 00"),
+    *(_prin(sa) for sa in PersistentReserveIn),
+    *(
+        _prout(sa)
+        for sa in PersistentReserveOut
+        if sa
+        not in (
+            PersistentReserveOut.REGISTER_AND_MOVE,
+            PersistentReserveOut.REPLACE_LOST_RESERVATION,
+        )
+    ),
+    _sanitize(SanitizeServiceAction.OVERWRITE),
+    _sanitize(SanitizeServiceAction.BLOCK_ERASE),
+    _sanitize(SanitizeServiceAction.EXIT_FAILURE_MODE),
+    # EXTENDED COPY (LID1) is service action 00h of 83h; RECEIVE COPY STATUS (LID1) and
+    # RECEIVE COPY OPERATING PARAMETERS are 00h and 03h of 84h (SPC-4 6.4, 6.18).
+    _cmd(Opcode.EXTENDED_COPY, "00 0000000000000000 ffffffff 00 00", 0x00, "EXTENDED_COPY_LID1"),
+    _cmd(Opcode.RECEIVE_COPY_RESULTS, "00 ff 00000000000000 ffffffff 00 00", 0x00, "COPY_STATUS"),
+    _cmd(
+        Opcode.RECEIVE_COPY_RESULTS,
+        "03 00 00000000000000 ffffffff 00 00",
+        0x03,
+        "OPERATING_PARAMETERS",
+    ),
+    # WRPROTECT must be 0; ATOMIC BOUNDARY must be 0 (MAXIMUM ATOMIC BOUNDARY SIZE is 0).
+    _cmd(Opcode.WRITE_ATOMIC_16, "18 ffffffffffffffff 0000 ffff 1f 00"),
 )
+
+# Commands offered only on thin-provisioned LUs: their effect is deallocation.
+_THIN_ONLY = frozenset(((Opcode.UNMAP, None), (Opcode.SANITIZE, SanitizeServiceAction.BLOCK_ERASE)))
 
 _BY_KEY = {(c.opcode, c.service_action): c for c in BLOCK_DEVICE_COMMANDS}
 SERVICE_ACTION_OPCODES = frozenset(
@@ -118,3 +172,15 @@ SERVICE_ACTION_OPCODES = frozenset(
 def find_command(opcode: int, service_action: int | None) -> CommandInfo | None:
     """The supported command with this opcode (and service action, for opcodes that have one)."""
     return _BY_KEY.get((opcode, service_action if opcode in SERVICE_ACTION_OPCODES else None))
+
+
+def supported_commands(options: BlockDeviceOptions) -> tuple[CommandInfo, ...]:
+    """The commands a block device with ``options`` offers (and RSOC reports)."""
+    thin = options.thin_provisioning
+    atomic = options.atomic_transfer_limit > 0
+    return tuple(
+        c
+        for c in BLOCK_DEVICE_COMMANDS
+        if (thin or (c.opcode, c.service_action) not in _THIN_ONLY)
+        and (atomic or c.opcode != Opcode.WRITE_ATOMIC_16)
+    )

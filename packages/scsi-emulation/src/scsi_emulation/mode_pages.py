@@ -1,9 +1,10 @@
 """Mode parameters: the pages a block device keeps, MODE SENSE data and MODE SELECT parsing.
 
-Holds `ModePages` with the read-write error recovery (01h), caching (08h) and control (0Ah)
-pages, their changeable masks and defaults (SPC-5 7.5, SBC-4 6.5), the MODE SENSE(6/10) header
-and block descriptor layouts, and validation of MODE SELECT parameter lists. Knows nothing
-about storage or unit attentions: the caller applies the outcome.
+Holds `ModePages` with the read-write error recovery (01h), caching (08h) and control (0Ah,
+with D_SENSE and SWP changeable) pages, their changeable masks and defaults (SPC-5 7.5, SBC-4
+6.5), the MODE SENSE(6/10) header and block descriptor layouts, and validation of MODE SELECT
+parameter lists. Knows nothing about storage or unit attentions: the caller applies the
+outcome.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ ALL_SUBPAGES = 0xFF
 
 _WCE = 0x04  # caching page byte 2
 _D_SENSE = 0x04  # control page byte 2
+_SWP = 0x08  # control page byte 4: software write protect (SPC-4 7.5.8)
 
 
 class PageControl:
@@ -68,10 +70,11 @@ def _caching(wce: bool) -> bytearray:
     return page
 
 
-def _control(d_sense: bool) -> bytearray:
+def _control(d_sense: bool, swp: bool = False) -> bytearray:
     page = bytearray(12)
     page[0], page[1] = PAGE_CONTROL, 10
     page[2] = _D_SENSE if d_sense else 0
+    page[4] = _SWP if swp else 0
     page[3] = 0x10  # QUEUE ALGORITHM MODIFIER 1: unrestricted reordering allowed
     page[8:10] = b"\xff\xff"  # BUSY TIMEOUT PERIOD: unlimited
     return page
@@ -85,6 +88,8 @@ class ModePages:
         self._default_d_sense = descriptor_sense
         self.wce = write_cache
         self.d_sense = descriptor_sense
+        #: Software write protect: the LU is write-protected while it is set.
+        self.swp = False
 
     def _page(self, code: int, pc: int) -> bytearray:
         if code == PAGE_RW_ERROR_RECOVERY:
@@ -101,9 +106,11 @@ class ModePages:
         if code == PAGE_CONTROL:
             if pc == PageControl.CHANGEABLE:
                 page = bytearray(12)
-                page[0], page[1], page[2] = PAGE_CONTROL, 10, _D_SENSE
+                page[0], page[1], page[2], page[4] = PAGE_CONTROL, 10, _D_SENSE, _SWP
                 return page
-            return _control(self._default_d_sense if pc == PageControl.DEFAULT else self.d_sense)
+            if pc == PageControl.DEFAULT:
+                return _control(self._default_d_sense)
+            return _control(self.d_sense, self.swp)
         raise KeyError(code)
 
     def sense_pages(self, cdb_page_byte: int, subpage: int) -> bytes:
@@ -218,11 +225,14 @@ class ModePages:
                 self.wce = wce
             elif code == PAGE_CONTROL:
                 d_sense = bool(new[2] & _D_SENSE)
-                changed |= d_sense != self.d_sense
+                swp = bool(new[4] & _SWP)
+                changed |= d_sense != self.d_sense or swp != self.swp
                 self.d_sense = d_sense
+                self.swp = swp
         return changed
 
     def reset(self) -> None:
         """Back to the defaults (a LOGICAL UNIT RESET does not do this; power on does)."""
         self.wce = self._default_wce
         self.d_sense = self._default_d_sense
+        self.swp = False

@@ -2,7 +2,7 @@
 
 Holds `BlockDeviceOptions`: read-only, solid-state, block sizes, identification strings, write
 cache, thin provisioning, removable medium and the limits advertised in the Block Limits VPD
-page. Knows nothing about commands or storage.
+page (including WRITE ATOMIC's). Knows nothing about commands or storage.
 """
 
 from __future__ import annotations
@@ -37,10 +37,14 @@ class BlockDeviceOptions:
     #: Block Limits VPD (B0h) values, in logical blocks.
     max_transfer_blocks: int = 65536
     optimal_transfer_blocks: int = 0
-    max_unmap_lba_count: int = 0x400000
+    #: At most 1 Mi blocks: libiscsi's Inquiry.BlockLimits calls larger values insane.
+    max_unmap_lba_count: int = 0x100000
     max_unmap_descriptors: int = 256
     max_write_same_blocks: int = 0x400000
     max_compare_and_write_blocks: int = 255
+    #: WRITE ATOMIC(16) limit; 0 leaves the command out. Capped at MAXIMUM TRANSFER LENGTH and
+    #: at the 16-bit TRANSFER LENGTH field (see `atomic_transfer_limit`).
+    max_atomic_transfer_blocks: int = 0xFFFF
 
     def __post_init__(self) -> None:
         if self.block_size not in (512, 4096):
@@ -48,3 +52,8 @@ class BlockDeviceOptions:
         pbs = self.physical_block_size
         if pbs is not None and (pbs < self.block_size or pbs & (pbs - 1)):
             raise ValueError(f"physical block size {pbs} is not a power-of-two multiple")
+
+    @property
+    def atomic_transfer_limit(self) -> int:
+        """MAXIMUM ATOMIC TRANSFER LENGTH as advertised (SBC-4 6.6.4) and enforced."""
+        return min(self.max_atomic_transfer_blocks, self.max_transfer_blocks, 0xFFFF)

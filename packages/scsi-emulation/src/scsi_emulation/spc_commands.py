@@ -2,8 +2,10 @@
 reporting, medium control and RESERVE/RELEASE(6).
 
 Holds one function per command, ``(device, request) -> Response``, and the `SPC_COMMANDS`
-table the `BlockDevice` dispatches from. Each function may raise `CommandError`; the CDB's
-reserved bits were already checked against the command's usage data. Knows nothing about
+table the `BlockDevice` dispatches from; that table also carries the commands of the feature
+modules (persistent reservations, SANITIZE, EXTENDED COPY, READ DEFECT DATA, WRITE ATOMIC).
+Each function may raise `CommandError`; the CDB's reserved bits were already checked against
+the command's usage data. Knows nothing about
 READ/WRITE or the back-end beyond ``flush``.
 """
 
@@ -17,10 +19,18 @@ from scsi_core.opcodes import MaintenanceIn, Opcode, has_service_action
 from scsi_core.sense import Asc, SenseData, SenseKey
 from scsi_core.target import Request, Response
 
+from scsi_emulation.atomic_write import ATOMIC_WRITE_COMMANDS
 from scsi_emulation.backend import BackendError
-from scsi_emulation.command_table import CommandInfo
+from scsi_emulation.command_table import SERVICE_ACTION_OPCODES, CommandInfo
+from scsi_emulation.defect_data import DEFECT_DATA_COMMANDS
 from scsi_emulation.errors import GOOD, CommandError, invalid_field_in_cdb
+from scsi_emulation.extended_copy import COPY_COMMANDS
 from scsi_emulation.logical_unit import report_luns
+from scsi_emulation.persistent_reservation import (
+    PERSISTENT_RESERVATION_COMMANDS,
+    RESERVATION_CONFLICT,
+)
+from scsi_emulation.sanitize import SANITIZE_COMMANDS, SANITIZE_IN_PROGRESS
 from scsi_emulation.transfer import receive_parameters, send_data
 from scsi_emulation.vpd import PERIPHERAL_DISK, VpdContext, standard_inquiry, vpd_page
 
@@ -60,6 +70,7 @@ def inquiry(dev: BlockDevice, request: Request) -> Response:
             ident.product,
             ident.revision,
             removable=dev.options.removable,
+            third_party_copy=True,
         )
     return send_data(request, data, allocation)
 
@@ -75,6 +86,8 @@ def request_sense(dev: BlockDevice, request: Request) -> Response:
     if code is not None:
         dev.invalidate_fast_path()
         sense = SenseData.of(SenseKey.UNIT_ATTENTION, code)
+    elif dev.sanitizing:
+        sense = SenseData.of(SANITIZE_IN_PROGRESS.key, SANITIZE_IN_PROGRESS.code)
     elif not dev.medium_present:
         sense = SenseData.of(SenseKey.NOT_READY, Asc.MEDIUM_NOT_PRESENT)
     else:
@@ -122,6 +135,8 @@ def _mode_select(dev: BlockDevice, request: Request, ten: bool) -> Response:
         return GOOD
     if dev.mode.select(params, ten=ten, block_size=dev.block_size):
         dev.set_write_cache(dev.mode.wce)
+        # SWP (control page): the LU is write-protected while it is set (SPC-4 7.5.8).
+        dev.read_only = dev.options.read_only or dev.backend.read_only or dev.mode.swp
         # SPC-5 7.5.1: other I_T nexuses learn that shared mode parameters changed.
         dev.ua.establish(Asc.MODE_PARAMETERS_CHANGED, exclude=request.nexus)
         dev.invalidate_fast_path()
@@ -164,7 +179,8 @@ def report_supported_operation_codes(dev: BlockDevice, request: Request) -> Resp
         return send_data(request, _U32.pack(len(body)) + body, allocation)
     opcode = cdb[3]
     requested_sa = _U16.unpack_from(cdb, 4)[0]
-    takes_sa = has_service_action(opcode)
+    # 83h/84h take service actions since SPC-4 (EXTENDED COPY LID1/LID4 ...).
+    takes_sa = has_service_action(opcode) or opcode in SERVICE_ACTION_OPCODES
     if option == 1:
         if takes_sa:
             raise invalid_field_in_cdb(3)
@@ -213,12 +229,18 @@ def start_stop_unit(dev: BlockDevice, request: Request) -> Response:
         except BackendError as e:
             raise CommandError(SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR) from e
     if loej and dev.options.removable:
+        if dev.prevent:
+            # Neither eject nor load while PREVENT is in effect (libiscsi PreventAllow.Eject).
+            raise CommandError(SenseKey.ILLEGAL_REQUEST, Asc.MEDIUM_REMOVAL_PREVENTED)
         if start:
             if not dev.medium_present:
-                dev.set_medium(True)
+                # The loading nexus knows the medium changed: only the others get 28/00.
+                dev.medium_present = True
+                dev.ua.establish(
+                    Asc.NOT_READY_TO_READY_CHANGE_MEDIUM_MAY_HAVE_CHANGED, exclude=request.nexus
+                )
+                dev.invalidate_fast_path()
         else:
-            if dev.prevent:
-                raise CommandError(SenseKey.ILLEGAL_REQUEST, Asc.MEDIUM_REMOVAL_PREVENTED)
             dev.set_medium(False)
     return GOOD
 
@@ -236,13 +258,21 @@ def prevent_allow_medium_removal(dev: BlockDevice, request: Request) -> Response
 
 
 def reserve_6(dev: BlockDevice, request: Request) -> Response:
-    """RESERVE(6) (SPC-2 7.21): the whole LU for this nexus (conflicts are found at admission)."""
+    """RESERVE(6) (SPC-2 7.21): the whole LU for this nexus (conflicts are found at admission).
+
+    While any persistent reservation registration exists, RESERVE(6) and RELEASE(6) end in
+    RESERVATION CONFLICT (SPC-4 5.12.3, CRH=1 in REPORT CAPABILITIES).
+    """
+    if dev.pr.registrations:
+        return RESERVATION_CONFLICT
     dev.set_reservation(request.nexus)
     return GOOD
 
 
 def release_6(dev: BlockDevice, request: Request) -> Response:
     """RELEASE(6) (SPC-2 7.17): only the holder releases; from others it is a no-op."""
+    if dev.pr.registrations:
+        return RESERVATION_CONFLICT
     if dev.reservation == request.nexus:
         dev.set_reservation(None)
     return GOOD
@@ -271,4 +301,9 @@ SPC_COMMANDS: dict[tuple[int, int | None], CommandFunction] = {
     (Opcode.PREVENT_ALLOW_MEDIUM_REMOVAL, None): prevent_allow_medium_removal,
     (Opcode.RESERVE_6, None): reserve_6,
     (Opcode.RELEASE_6, None): release_6,
+    **PERSISTENT_RESERVATION_COMMANDS,
+    **SANITIZE_COMMANDS,
+    **COPY_COMMANDS,
+    **DEFECT_DATA_COMMANDS,
+    **ATOMIC_WRITE_COMMANDS,
 }

@@ -1,9 +1,10 @@
 """Standard INQUIRY data and the VPD pages of an emulated block device (SPC-5 6.7, 7.7; SBC-4 6.6).
 
 Holds builders for the standard INQUIRY data and for VPD pages 00h (supported pages), 80h (unit
-serial number), 83h (device identification), B0h (block limits), B1h (block device
-characteristics) and B2h (logical block provisioning). Knows nothing about CDB parsing or
-allocation lengths: the caller truncates.
+serial number), 83h (device identification), 8Fh (third-party copy), B0h (block limits), B1h
+(block device characteristics) and B2h (logical block provisioning), and the LU's designators
+(which EXTENDED COPY matches). Knows nothing about CDB parsing or allocation lengths: the
+caller truncates.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ __all__ = [
     "PERIPHERAL_NONE",
     "PERIPHERAL_WELL_KNOWN",
     "VpdContext",
+    "designators",
     "standard_inquiry",
     "supported_vpd_pages",
     "vpd_page",
@@ -36,6 +38,9 @@ _STANDARD_LENGTH = 74  # through the eight version descriptors (bytes 58..73)
 
 _HEADER = struct.Struct(">BBH")  # peripheral byte, page code, page length
 _B0 = struct.Struct(">BBHIIIIIIIQ")  # WSNZ .. MAXIMUM WRITE SAME LENGTH (bytes 4..43)
+# MAXIMUM ATOMIC TRANSFER LENGTH, ATOMIC ALIGNMENT, ATOMIC TRANSFER LENGTH GRANULARITY, MAXIMUM
+# ATOMIC TRANSFER LENGTH WITH ATOMIC BOUNDARY, MAXIMUM ATOMIC BOUNDARY SIZE (bytes 44..63).
+_B0_ATOMIC = struct.Struct(">IIIII")
 _B0_LENGTH = 0x3C
 _B1_LENGTH = 0x3C
 _B2_LENGTH = 0x04
@@ -49,8 +54,10 @@ def standard_inquiry(
     *,
     removable: bool = False,
     command_queuing: bool = True,
+    third_party_copy: bool = False,
 ) -> bytes:
-    """Standard INQUIRY data: VERSION 6 (SPC-4), HISUP, response format 2, CMDQUE."""
+    """Standard INQUIRY data: VERSION 6 (SPC-4), HISUP, response format 2, CMDQUE, and 3PC
+    when the LU is a copy manager (EXTENDED COPY)."""
     head = bytes(
         (
             peripheral,
@@ -58,7 +65,7 @@ def standard_inquiry(
             0x06,  # SPC-4
             0x12,  # HISUP, RESPONSE DATA FORMAT 2
             _STANDARD_LENGTH - 5,
-            0x00,  # no SCCS/ACC/TPGS/3PC/PROTECT
+            0x08 if third_party_copy else 0x00,  # 3PC; no SCCS/ACC/TPGS/PROTECT
             0x00,
             0x02 if command_queuing else 0x00,  # CMDQUE
         )
@@ -96,17 +103,33 @@ def _designator(code_set: int, kind: int, value: bytes) -> bytes:
     return bytes((code_set, kind, 0, len(value))) + value
 
 
+def designators(lun: int, options: BlockDeviceOptions) -> list[tuple[int, int, bytes]]:
+    """The LU's designators as (CODE SET, DESIGNATOR TYPE, designator), association 00b."""
+    ident = options.identity
+    return [
+        (0x01, 0x03, ident.naa_designator(lun)),  # NAA, binary
+        # T10 vendor ID based (type 1): vendor (8 bytes) + vendor-specific unique text.
+        (
+            0x02,
+            0x01,
+            ascii_field(ident.vendor, 8)
+            + f"{ident.product.strip()}:{ident.unit_serial(lun)}".encode("ascii", "replace"),
+        ),
+    ]
+
+
 def _identification(ctx: VpdContext) -> bytes:
-    ident = ctx.options.identity
-    naa = _designator(0x01, 0x03, ident.naa_designator(ctx.lun))
-    # T10 vendor ID based (type 1): vendor (8 bytes) + vendor-specific unique text.
-    t10 = _designator(
-        0x02,
-        0x01,
-        ascii_field(ident.vendor, 8)
-        + f"{ident.product.strip()}:{ident.unit_serial(ctx.lun)}".encode("ascii", "replace"),
+    body = b"".join(
+        _designator(code_set, kind, value)
+        for code_set, kind, value in designators(ctx.lun, ctx.options)
     )
-    return _page(0x83, naa + t10)
+    return _page(0x83, body)
+
+
+def _third_party_copy(ctx: VpdContext) -> bytes:
+    from scsi_emulation.extended_copy import third_party_copy_descriptors
+
+    return _page(0x8F, third_party_copy_descriptors(ctx.options.block_size))
 
 
 def _block_limits(ctx: VpdContext) -> bytes:
@@ -125,12 +148,17 @@ def _block_limits(ctx: VpdContext) -> bytes:
         0x80000000 if thin else 0,  # UGAVALID, alignment 0
         o.max_write_same_blocks,
     )
+    # WRITE ATOMIC(16): no alignment or granularity rules, no atomic boundaries.
+    body += _B0_ATOMIC.pack(o.atomic_transfer_limit, 0, 0, 0, 0)
     return _page(0xB0, body.ljust(_B0_LENGTH, b"\0"))
 
 
 def _characteristics(ctx: VpdContext) -> bytes:
     rotation = 1 if ctx.options.solid_state else 0  # 1: non-rotating medium (SBC-4 6.6.2)
-    body = rotation.to_bytes(2, "big") + bytes(_B1_LENGTH - 2)
+    # WABEREQ 01b: after SANITIZE BLOCK ERASE (thin LUs only) reads succeed, returning the
+    # LBPRZ zeros. WACEREQ 00b: no CRYPTOGRAPHIC ERASE.
+    wabereq = 0x40 if ctx.options.thin_provisioning else 0x00
+    body = rotation.to_bytes(2, "big") + bytes((0, wabereq)) + bytes(_B1_LENGTH - 4)
     return _page(0xB1, body)
 
 
@@ -147,6 +175,7 @@ _BUILDERS: dict[int, Callable[[VpdContext], bytes]] = {
     0x00: _supported,
     0x80: _serial,
     0x83: _identification,
+    0x8F: _third_party_copy,
     0xB0: _block_limits,
     0xB1: _characteristics,
     0xB2: _provisioning,
