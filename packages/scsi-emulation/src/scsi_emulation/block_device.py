@@ -255,7 +255,13 @@ class BlockDevice(LogicalUnit):
                     return refused
             return self._handlers[request.cdb[0]](request, complete)
         except CommandError as e:
-            return self.error_response(e, request)
+            try:
+                return self.error_response(e, request)
+            finally:
+                # Some errors are shared module-level instances; a re-raised instance keeps
+                # prepending the new frames to the traceback it holds, which would pin every
+                # failed command's Request and data buffers (guest memory) forever.
+                e.__traceback__ = None
 
     def error_response(self, error: CommandError, request: Request) -> Response:
         """CHECK CONDITION for ``error``, in the sense format D_SENSE selects, with residual."""

@@ -73,6 +73,8 @@ def _run(
     except CommandError as e:
         reader, writer = request.data_out, request.data_in
         residual = writer.remaining() if writer else reader.remaining() if reader else 0
+        # Shared error instances must not accumulate tracebacks (see BlockDevice.execute).
+        e.__traceback__ = None
         return e.response(descriptor, residual)
 
 
