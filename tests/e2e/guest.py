@@ -39,6 +39,8 @@ __all__ = [
     "GuestError",
     "GuestRun",
     "ImageDisk",
+    "IscsiLun",
+    "IscsiScsi",
     "StepResult",
     "VhostUserScsi",
     "choose_accelerator",
@@ -86,7 +88,31 @@ class VhostUserScsi:
     reconnect: bool = False
 
 
-Device = BuiltinScsi | VhostUserScsi
+@dataclass(frozen=True)
+class IscsiLun:
+    """One LU of an iSCSI target as a LUN of a virtio-scsi controller, through QEMU's own
+    iSCSI initiator (libiscsi; Debian's qemu-block-extra).
+
+    ``url`` is ``iscsi://HOST:PORT/IQN/LUN``. With ``passthrough`` (scsi-block) QEMU hands the
+    guest's CDBs to the target unchanged (only READ/WRITE go through its block layer, still as
+    SCSI commands); without it (scsi-hd) QEMU emulates SCSI and sends only I/O commands.
+    """
+
+    url: str
+    lun: int = 0
+    read_only: bool = False
+    passthrough: bool = True
+
+
+@dataclass(frozen=True)
+class IscsiScsi:
+    """QEMU's virtio-scsi-pci controller whose LUNs are iSCSI LUs (see `IscsiLun`)."""
+
+    luns: tuple[IscsiLun, ...]
+    num_queues: int = 1
+
+
+Device = BuiltinScsi | VhostUserScsi | IscsiScsi
 
 
 @dataclass(frozen=True)
@@ -342,6 +368,8 @@ def _device_args(index: int, device: Device) -> list[str]:
         ]  # fmt: skip
     bus = f"scsi{index}"
     argv = ["-device", f"virtio-scsi-pci,id={bus},num_queues={device.num_queues}"]
+    if isinstance(device, IscsiScsi):
+        return argv + _iscsi_args(bus, device)
     for disk in device.disks:
         drive = f"{bus}d{disk.lun}"
         readonly = ",readonly=on" if disk.read_only else ""
@@ -359,4 +387,16 @@ def _device_args(index: int, device: Device) -> list[str]:
         if disk.serial:
             hd += f",serial={disk.serial}"
         argv += ["-device", hd]
+    return argv
+
+
+def _iscsi_args(bus: str, device: IscsiScsi) -> list[str]:
+    argv: list[str] = []
+    for unit in device.luns:
+        drive = f"{bus}d{unit.lun}"
+        readonly = ",readonly=on" if unit.read_only else ""
+        # cache=none: no host page cache between the guest and the target.
+        argv += ["-drive", f"if=none,id={drive},file={unit.url},format=raw,cache=none{readonly}"]
+        kind = "scsi-block" if unit.passthrough else "scsi-hd"
+        argv += ["-device", f"{kind},drive={drive},bus={bus}.0,channel=0,scsi-id=0,lun={unit.lun}"]
     return argv

@@ -1,9 +1,11 @@
-"""The `iscsi-target` command line: parse and check options, open the images, serve.
+"""The `iscsi-target` command line: parse and check options, open the storage, serve.
 
-Holds the argument grammar (`iscsi-target [--listen HOST:PORT] [--iqn IQN] IMG...` with
+Holds the argument grammar (`iscsi-target [--listen HOST:PORT] [--iqn IQN] [LUN=]IMAGE...` with
 per-LU options, an initiator ACL and CHAP credentials), the building of the emulated target
-from image files and the signal handling of the process. Every operator mistake is one line on
-stderr and a non-zero exit. The protocol lives in the sans-IO modules and `server`.
+from storage locations (image files, block devices, ``nbd://`` exports and ``rbd:`` images:
+whatever `scsi_emulation.backends.uri` parses, as for the vhost daemon) and the signal handling
+of the process. Every operator mistake is one line on stderr and a non-zero exit. The protocol
+lives in the sans-IO modules and `server`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ from dataclasses import dataclass, replace
 from typing import NoReturn
 
 import trio
-from scsi_emulation.backend import FileBackend
+from scsi_emulation.backend import StorageBackend
+from scsi_emulation.backends.uri import (
+    FileLocation,
+    LocationError,
+    StorageLocation,
+    open_backend,
+    parse_location,
+)
 from scsi_emulation.block_device import BlockDevice
 from scsi_emulation.identity import DeviceIdentity
 from scsi_emulation.options import BlockDeviceOptions
@@ -44,7 +53,8 @@ class CliError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class LunSpec:
-    """One LU: image path and how it presents itself."""
+    """One LU: its storage location (path or URI, see `parse_location`) and how it presents
+    itself."""
 
     lun: int
     path: str
@@ -91,14 +101,23 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for --help text and tests)."""
     p = _Parser(
         prog=PROG,
-        description="An iSCSI target (RFC 7143) serving image files as SCSI disks.",
+        description=(
+            "An iSCSI target (RFC 7143) serving image files, block devices and remote storage "
+            "as SCSI disks."
+        ),
         epilog=(
-            "Each IMAGE is [LUN=]PATH[,OPTION...]; LUNs count up from 0 unless given. "
+            "Each IMAGE is [LUN=]LOCATION[,OPTION...]; LUNs count up from 0 unless given. "
+            "A LOCATION is a raw image file or block device (PATH, file:PATH, "
+            "file:PATH?direct=on for O_DIRECT), an NBD export (nbd://HOST[:PORT]/EXPORT, "
+            "nbd+unix:///EXPORT?socket=PATH) or a Ceph RBD image "
+            "(rbd:POOL/IMAGE[?conf=PATH&id=USER]). "
             "Per-LU options override the global ones: ro, rw, ssd, hdd, bs=512|4096, "
             "wce=on|off, thin=on|off, removable."
         ),
     )
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image file per LUN")
+    p.add_argument(
+        "images", nargs="+", metavar="IMAGE", help="image file, block device or URI per LUN"
+    )
     p.add_argument(
         "--listen",
         default=f"127.0.0.1:{DEFAULT_PORT}",
@@ -163,6 +182,11 @@ def _lun_spec(item: str, lun: int, base: LunSpec) -> LunSpec:
             raise CliError(f"unknown LU option {option!r} in {item!r}")
     if not spec.path:
         raise CliError(f"no image path in {item!r}")
+    # A URI that does not parse is caught here, before any storage is opened.
+    try:
+        parse_location(spec.path)
+    except LocationError as exc:
+        raise CliError(f"bad storage location {exc}") from None
     return spec
 
 
@@ -253,24 +277,54 @@ def build_target(luns: Sequence[LunSpec]) -> EmulatedTarget:
     return target
 
 
-def _open_lu(spec: LunSpec) -> BlockDevice:
+def _serial(location: StorageLocation) -> str:
+    """A stable unit serial (hence NAA designator) from the image's real path, or the URI of
+    remote storage, so two LUs of the same storage look alike and different ones never do."""
+    key = os.path.realpath(location.path) if isinstance(location, FileLocation) else str(location)
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def _open_storage(spec: LunSpec) -> tuple[StorageLocation, StorageBackend]:
     try:
-        backend = FileBackend(spec.path, read_only=spec.read_only)
+        location = parse_location(spec.path)
+        return location, open_backend(location, read_only=spec.read_only)
+    except LocationError as exc:
+        raise CliError(f"bad storage location {exc}") from None
     except OSError as exc:
-        raise CliError(f"cannot open image {spec.path}: {exc.strerror or exc}") from None
+        # BackendError messages already name the location ("cannot open image X: ...").
+        raise CliError(exc.strerror or f"cannot open {spec.path}: {exc}") from None
+
+
+def _open_lu(spec: LunSpec) -> BlockDevice:
+    location, backend = _open_storage(spec)
     try:
+        if spec.block_size % backend.logical_block_size:
+            raise CliError(
+                f"{spec.path} has {backend.logical_block_size}-byte logical blocks: "
+                f"use bs={max(backend.logical_block_size, 512)}"
+            )
         if backend.size < spec.block_size:
             raise CliError(f"image {spec.path} is smaller than one {spec.block_size}-byte block")
-        serial = hashlib.sha256(os.path.realpath(spec.path).encode()).hexdigest()[:20]
-        options = BlockDeviceOptions(
-            read_only=spec.read_only,
-            solid_state=spec.solid_state,
-            block_size=spec.block_size,
-            write_cache=spec.write_cache,
-            thin_provisioning=spec.thin_provisioning,
-            removable=spec.removable,
-            identity=DeviceIdentity(serial=serial),
-        )
+        if spec.thin_provisioning and not backend.supports_discard:
+            raise CliError(f"{spec.path} cannot deallocate blocks, so thin=on is not possible")
+        if backend.size % spec.block_size:
+            logger.warning(
+                "image %s: the last %d bytes (not a whole block) are not accessible",
+                spec.path,
+                backend.size % spec.block_size,
+            )
+        try:
+            options = BlockDeviceOptions(
+                read_only=spec.read_only,
+                solid_state=spec.solid_state,
+                block_size=spec.block_size,
+                write_cache=spec.write_cache,
+                thin_provisioning=spec.thin_provisioning,
+                removable=spec.removable,
+                identity=DeviceIdentity(serial=_serial(location)),
+            )
+        except ValueError as exc:
+            raise CliError(f"{spec.path}: {exc}") from None
         return BlockDevice(backend, options)
     except BaseException:
         backend.close()
