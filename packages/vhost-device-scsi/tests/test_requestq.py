@@ -235,3 +235,48 @@ def test_unknown_task_attribute_maps_to_simple(driver: Driver) -> None:
     driver.submit([driver.put(req), driver.space(108)])
     rq.process(driver.vring)
     assert target.requests[0].task_attr == 0
+
+
+async def test_pending_commands_between_inline_ones_keep_their_own_callbacks(
+    driver: Driver,
+) -> None:
+    """One batch mixing commands the target keeps with ones it answers at once: each pending
+    command's callback stays its own (the spare is handed on only while unused), both paths
+    (first sight of a LUN goes the general way, later ones the inline way) take part."""
+    target = FakeTarget()
+    rq = make(target, driver)
+    lun1 = vs.encode_virtio_lun(0, 1)
+    cmds = [
+        driver.command(bytes([PENDING_OP]), data_in=64, tag=1),  # LUN 0, first sight
+        driver.command(bytes([READ_10]), data_in=32, tag=2),
+        driver.command(bytes([PENDING_OP]), data_in=16, tag=3),
+        driver.command(bytes([READ_10]), lun=lun1, data_in=8, tag=4),  # LUN 1, first sight
+        driver.command(bytes([PENDING_OP]), lun=lun1, data_in=48, tag=5),
+        driver.command(bytes([READ_10]), lun=lun1, data_in=8, tag=6),
+    ]
+    rq.process(driver.vring)
+    inline = {cmds[1][0]: 108 + 32, cmds[3][0]: 108 + 8, cmds[5][0]: 108 + 8}
+    assert driver.used() == inline
+    callbacks = [complete for _req, complete in target.pending]
+    assert len(set(map(id, callbacks))) == 3  # three distinct callback objects
+    # Complete them out of order, each with its own residual.
+    for (req, complete), residual in reversed(list(zip(target.pending, (1, 2, 3), strict=True))):
+        assert req.data_in is not None
+        req.data_in.write(bytes([req.tag]) * (req.data_in.remaining() - residual))
+        complete(Response(Status.GOOD, b"", residual))
+    target.pending.clear()
+    with trio.fail_after(5):
+        await rq.channel.wait()
+    rq.finish_all()
+    assert driver.used() == {
+        cmds[0][0]: 108 + 64 - 1,
+        cmds[2][0]: 108 + 16 - 2,
+        cmds[4][0]: 108 + 48 - 3,
+    }
+    for (_head, resp, din), residual, tag in zip(
+        (cmds[0], cmds[2], cmds[4]), (1, 2, 3), (1, 3, 5), strict=True
+    ):
+        r = driver.response(resp)
+        assert (r.response, r.status, r.residual) == (VR.OK, Status.GOOD, residual)
+        assert din is not None
+        assert driver.read(din)[: din[1] - residual] == bytes([tag]) * (din[1] - residual)

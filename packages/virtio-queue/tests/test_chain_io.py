@@ -125,3 +125,39 @@ def test_descriptor_chain_builds_reader_and_writer() -> None:
     assert writer.write(b"0123456789") == 8
     assert out == b"01234567"
     assert "head=3" in repr(chain)
+
+
+@given(sizes, sizes, st.data())
+def test_reader_and_writer_with_skip_equal_fresh_ones_advanced(
+    rlens: list[int], wlens: list[int], data: st.DataObject
+) -> None:
+    """`reader(skip)` / `writer(skip)` (the fast start past a header) are exactly a fresh
+    cursor advanced by `skip`: same remaining bytes, same buffers, same `written`."""
+    rbuf = bytearray(i & 0xFF for i in range(sum(rlens)))
+    wbuf = bytearray(sum(wlens))
+    chain = DescriptorChain(0, split(rbuf, rlens), split(wbuf, wlens), len(rbuf), len(wbuf))
+    rskip = data.draw(st.integers(0, len(rbuf)))
+    wskip = data.draw(st.integers(0, len(wbuf)))
+    reader, model_reader = chain.reader(rskip), chain.reader()
+    model_reader.advance(rskip)
+    writer, model_writer = chain.writer(wskip), chain.writer()
+    model_writer.advance(wskip)
+    assert reader.remaining() == model_reader.remaining()
+    assert reader.read(len(rbuf)) == model_reader.read(len(rbuf)) == bytes(rbuf[rskip:])
+    assert writer.written == model_writer.written == wskip
+    assert [bytes(b) for b in writer.buffers(len(wbuf))] == [
+        bytes(b) for b in model_writer.buffers(len(wbuf))
+    ]
+    payload = bytes(range(len(wbuf) - wskip))
+    assert writer.write(payload) == len(payload)
+    assert bytes(wbuf[wskip:]) == payload
+    assert writer.written == len(wbuf)
+
+
+def test_skip_beyond_the_chain_is_refused() -> None:
+    buf = bytearray(8)
+    chain = DescriptorChain(0, [memoryview(buf)], [memoryview(buf)], 8, 8)
+    with pytest.raises(ValueError):
+        chain.reader(9)
+    with pytest.raises(ValueError):
+        chain.writer(9)

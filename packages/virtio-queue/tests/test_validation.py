@@ -218,3 +218,31 @@ def test_add_used_of_foreign_head_is_ignored(guest: Guest) -> None:
     dev.add_used(16, 0)
     dev.add_used(-1, 0)
     assert dev.next_used == 0 and drv.used_idx() == 0
+
+
+@pytest.mark.parametrize("extra", [0x8, 0x80, 0x8000])
+@pytest.mark.parametrize("through_table", [False, True])
+def test_undefined_flag_bits_are_ignored(guest: Guest, extra: int, through_table: bool) -> None:
+    """Bits a split ring does not define change nothing: same buffers, same rules."""
+    d = guest.data
+    descs = [
+        VirtqDesc(d, 8, NEXT | extra, 1 if through_table else 11),
+        VirtqDesc(d + 8, 16, WRITE | NEXT | extra, 2 if through_table else 12),
+        VirtqDesc(d + 24, 32, WRITE | extra, 0),
+    ]
+    drv = guest.driver()
+    build = via_table(indirect(guest, 3), *descs) if through_table else direct(*descs)
+    drv.push_avail(build(guest, drv))
+    drv.publish()
+    chain = drv.device_queue().pop()
+    assert chain is not None
+    assert [len(b) for b in chain.readable] == [8]
+    assert [len(b) for b in chain.writable] == [16, 32]
+    assert (chain.readable_len, chain.writable_len) == (8, 48)
+    # ...and a readable buffer after a writable one is still refused.
+    bad = [VirtqDesc(d, 16, WRITE | NEXT | extra, 11), VirtqDesc(d, 8, extra, 0)]
+    drv2 = guest.driver(start_index=drv.avail_idx)
+    drv2.push_avail(direct(*bad)(guest, drv2))
+    drv2.publish()
+    with pytest.raises(InvalidChain, match="readable descriptor after a writable"):
+        drv2.device_queue().pop()

@@ -89,12 +89,33 @@ async def run_queue(
                     eventfd_read(kick_fd)
                 except BlockingIOError:
                     continue
-                handle(index, vring)
-                vring.notify()
+                _drain(handle, index, vring)
         except trio.ClosedResourceError:
             return
         except Exception as exc:  # a device bug or a broken ring: stop this queue only
             log.error("vring %d: queue processing stopped: %r", index, exc)
+
+
+def _drain(handle: Callable[[int, Vring], None], index: int, vring: Vring) -> None:
+    """Handle a kicked ring with kicks suppressed, until no buffer came in meanwhile.
+
+    virtio 1.2 2.7.7 / 2.7.10: while we work the driver need not kick (VIRTQ_USED_F_NO_NOTIFY,
+    or avail_event left behind with EVENT_IDX); before sleeping we ask for kicks again and look
+    once more, so a buffer added in between is served now instead of waiting for a kick that
+    was never sent. A device need not consume every buffer (an event queue keeps them): we
+    go round again only when the avail idx moved, never because buffers are merely waiting.
+    """
+    queue = vring.queue
+    queue.disable_notification()
+    while True:
+        before = queue.avail_idx()
+        handle(index, vring)
+        vring.notify()
+        queue.enable_notification()
+        if queue.avail_idx() == before:
+            return
+        queue = vring.queue
+        queue.disable_notification()
 
 
 async def serve_connection(sock: trio.socket.SocketType, backend: VhostUserBackend) -> None:

@@ -31,13 +31,43 @@ class DescriptorChain:
         self.readable_len = readable_len
         self.writable_len = writable_len
 
-    def reader(self) -> ChainReader:
-        """A reader over the device-readable buffers (driver -> device data)."""
-        return ChainReader(self.readable, self.readable_len)
+    def reader(self, skip: int = 0) -> ChainReader:
+        """A reader over the device-readable buffers (driver -> device data).
 
-    def writer(self) -> ChainWriter:
-        """A writer over the device-writable buffers (device -> driver data)."""
-        return ChainWriter(self.writable, self.writable_len)
+        ``skip`` bytes are consumed at once (a header the caller already parsed); at most
+        ``readable_len``.
+        """
+        reader = _new_reader(ChainReader)
+        bufs = self.readable
+        if skip and bufs and len(bufs[0]) == skip:
+            # The hot case, inlined: a request header that fills the first descriptor.
+            reader._bufs = bufs
+            reader._total = total = self.readable_len
+            reader._index = 1
+            reader._offset = 0
+            reader._remaining = total - skip
+        else:
+            _start(reader, bufs, self.readable_len, skip)
+        return reader
+
+    def writer(self, skip: int = 0) -> ChainWriter:
+        """A writer over the device-writable buffers (device -> driver data).
+
+        ``skip`` bytes are consumed at once (room a device fills itself, e.g. a response
+        header): ``written`` counts them. At most ``writable_len``.
+        """
+        writer = _new_writer(ChainWriter)
+        bufs = self.writable
+        if skip and bufs and len(bufs[0]) == skip:
+            # The hot case, inlined: a response header that fills the first descriptor.
+            writer._bufs = bufs
+            writer._total = total = self.writable_len
+            writer._index = 1
+            writer._offset = 0
+            writer._remaining = total - skip
+        else:
+            _start(writer, bufs, self.writable_len, skip)
+        return writer
 
     def __repr__(self) -> str:
         return (
@@ -69,11 +99,16 @@ class _Cursor:
 
     def buffers(self, length: int) -> list[memoryview]:
         """The next up-to-``length`` unconsumed bytes as memoryview slices; consumes nothing."""
-        out: list[memoryview] = []
         bufs = self._bufs
         i = self._index
         off = self._offset
         count = len(bufs)
+        if not off and i < count and length > 0:
+            # The common request: the data is one whole descriptor; hand it out unsliced.
+            buf = bufs[i]
+            if len(buf) == length:
+                return [buf]
+        out: list[memoryview] = []
         while length > 0 and i < count:
             buf = bufs[i]
             avail = len(buf) - off
@@ -89,9 +124,15 @@ class _Cursor:
 
     def advance(self, n: int) -> None:
         """Mark ``n`` bytes consumed (after a preadv/pwritev into/from ``buffers()``)."""
-        if n < 0 or n > self._remaining:
-            raise ValueError(f"cannot advance by {n}: {self._remaining} bytes remain")
-        self._remaining -= n
+        remaining = self._remaining
+        if n == remaining:  # everything (a whole data transfer): the end, without a walk
+            self._remaining = 0
+            self._index = len(self._bufs)
+            self._offset = 0
+            return
+        if n < 0 or n > remaining:
+            raise ValueError(f"cannot advance by {n}: {remaining} bytes remain")
+        self._remaining = remaining - n
         bufs = self._bufs
         i = self._index
         off = self._offset + n
@@ -169,3 +210,31 @@ class ChainWriter(_Cursor):
             pos += step
         self.advance(n)
         return n
+
+
+_new_reader = ChainReader.__new__
+_new_writer = ChainWriter.__new__
+
+
+def _start(cursor: _Cursor, bufs: list[memoryview], total: int, skip: int) -> None:
+    """Set a fresh cursor over ``bufs`` (``total`` bytes) with ``skip`` bytes consumed.
+
+    The reader/writer factories of every request call this instead of ``__init__``: a
+    Python-level ``__init__`` plus a separate ``advance`` costs a call and a loop more.
+    """
+    cursor._bufs = bufs
+    cursor._total = total
+    if not skip:
+        cursor._index = 0
+        cursor._offset = 0
+        cursor._remaining = total
+    elif bufs and len(bufs[0]) == skip:
+        # The header fills the first descriptor exactly (the Linux virtio-scsi layout).
+        cursor._index = 1
+        cursor._offset = 0
+        cursor._remaining = total - skip
+    else:
+        cursor._index = 0
+        cursor._offset = 0
+        cursor._remaining = total
+        cursor.advance(skip)

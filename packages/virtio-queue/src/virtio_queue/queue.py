@@ -5,20 +5,27 @@ hostile driver could do, hands them out as DescriptorChains of memoryviews into 
 publishes used elements and decides whether the driver wants an interrupt (2.7.7, 2.7.10).
 It knows nothing about device types, vhost-user or eventfds: the caller kicks and signals.
 
-Hot path notes: every ring access is a precompiled little-endian struct on a memoryview of the
-ring, the avail idx is read once per batch (cached in ``_shadow_avail``), and guest addresses
-are translated through the memory's most recently used region before any lookup.
+Hot path notes: the 16-bit ring fields are items of ``memoryview.cast("H")`` views of the rings
+and descriptors are read with a precompiled little-endian struct; the avail idx is read once per
+batch (cached in ``_shadow_avail``), and guest addresses are translated through the memory's most
+recently used region before any lookup.
+
+Shared-memory stores: ``struct.pack_into`` zero-fills its destination before it stores the value,
+so a driver reading at the same moment can see 0 in a field we only meant to move forward (a used
+idx of 0 makes a driver consume ~65k phantom elements; an avail_event of 0 can cost a kick).
+Every field the driver may read while we write it (used idx, used flags, avail_event) is stored
+through the cast views instead: one native 16-bit store, which x86 performs atomically.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 
 from .barrier import memory_barrier
 from .chain import DescriptorChain
 from .errors import GuestMemoryError, InvalidAvailIndex, InvalidChain, QueueError
 from .layout import (
-    LE16,
     MAX_QUEUE_SIZE,
     RING_HEADER_SIZE,
     USED_ELEM_SIZE,
@@ -40,15 +47,17 @@ __all__ = ["SplitQueue"]
 
 log = logging.getLogger(__name__)
 
+if sys.byteorder != "little":  # the cast views below are in native byte order
+    raise ImportError("virtio_queue's split queue needs a little-endian host (virtio is LE)")
+
 _unpack_desc = VIRTQ_DESC.unpack_from
-_unpack_u16 = LE16.unpack_from
-_pack_u16 = LE16.pack_into
 _pack_used_elem = VIRTQ_USED_ELEM.pack_into
 # Building a chain without a Python-level __init__ call saves ~30 ns per pop.
 _new_chain = DescriptorChain.__new__
-_AVAIL_IDX = 2  # offset of virtq_avail.idx
-_USED_IDX = 2  # offset of virtq_used.idx
-_AVAIL_RING = RING_HEADER_SIZE
+# Item indexes into the rings viewed as u16 arrays.
+_H_FLAGS = 0  # virtq_avail.flags / virtq_used.flags
+_H_IDX = 1  # virtq_avail.idx / virtq_used.idx
+_H_RING = 2  # virtq_avail.ring[0]
 _USED_RING = RING_HEADER_SIZE
 
 
@@ -70,6 +79,8 @@ class SplitQueue:
 
     __slots__ = (
         "_avail",
+        "_avail16",
+        "_avail_event",
         "_avail_event_off",
         "_avail_event_published",
         "_desc",
@@ -85,6 +96,8 @@ class SplitQueue:
         "_signalled_valid",
         "_size",
         "_used",
+        "_used16",
+        "_used_event",
         "_used_event_off",
     )
 
@@ -119,11 +132,15 @@ class SplitQueue:
         self._used = memory.slice(used_addr, used_ring_size(size) - trailer)
         self._used_event_off = used_event_offset(size)
         self._avail_event_off = avail_event_offset(size)
+        self._avail16 = self._avail.cast("H")
+        self._used16 = self._used.cast("H")
+        self._used_event = self._used_event_off >> 1  # items of _avail16 / _used16
+        self._avail_event = self._avail_event_off >> 1
         self._next_avail = next_avail
         self._shadow_avail = next_avail
         self._avail_event_published = -1
         if next_used is None:
-            next_used = _unpack_u16(self._used, _USED_IDX)[0]
+            next_used = self._used16[_H_IDX]
         self._next_used = next_used
         self._signalled_used = next_used
         self._signalled_valid = False
@@ -131,7 +148,7 @@ class SplitQueue:
         if event_idx:
             # Ask for a kick from the first buffer on: the ring may hold any stale value
             # (e.g. after a reconnection), and a stale avail_event would mean no kicks.
-            _pack_u16(self._used, self._avail_event_off, next_avail)
+            self._used16[self._avail_event] = next_avail
             self._avail_event_published = next_avail
 
     # -- state -----------------------------------------------------------------------------
@@ -169,7 +186,7 @@ class SplitQueue:
 
     def avail_idx(self) -> int:
         """The driver's current avail idx, read from the ring."""
-        idx: int = _unpack_u16(self._avail, _AVAIL_IDX)[0]
+        idx: int = self._avail16[_H_IDX]
         return idx
 
     # -- the available ring ------------------------------------------------------------------
@@ -184,14 +201,14 @@ class SplitQueue:
         na = self._next_avail
         if na == self._shadow_avail and not self._refresh_avail(na):
             return None
-        head: int = _unpack_u16(self._avail, _AVAIL_RING + ((na & self._mask) << 1))[0]
+        head: int = self._avail16[_H_RING + (na & self._mask)]
         self._next_avail = (na + 1) & 0xFFFF
         return self.read_chain(head)
 
     def _refresh_avail(self, na: int) -> bool:
         """Re-read avail idx after the cached batch is used up; True if entries are there."""
-        avail = self._avail
-        idx: int = _unpack_u16(avail, _AVAIL_IDX)[0]
+        avail16 = self._avail16
+        idx: int = avail16[_H_IDX]
         if idx == na:
             if not self._event_idx or not self._notify_enabled:
                 return False
@@ -199,10 +216,10 @@ class SplitQueue:
                 return False
             # 2.7.10: ask for a kick at the next buffer, then look again: the driver may
             # have added one after our read, before it could see the new avail_event.
-            _pack_u16(self._used, self._avail_event_off, na)
+            self._used16[self._avail_event] = na
             self._avail_event_published = na
             memory_barrier()
-            idx = _unpack_u16(avail, _AVAIL_IDX)[0]
+            idx = avail16[_H_IDX]
             if idx == na:
                 return False
         if (idx - na) & 0xFFFF > self._size:
@@ -235,42 +252,57 @@ class SplitQueue:
         budget = size  # descriptors the current table may still contribute
         idx = head
         # Flag values are literals here (NEXT=1, WRITE=2, INDIRECT=4): globals cost a lookup
-        # per descriptor on the hottest loop of the device.
+        # per descriptor on the hottest loop of the device. The two common shapes (writable,
+        # or readable before any writable one, each with or without NEXT) are tested by value
+        # first; everything else takes the general branch.
         try:
             while True:
                 addr, length, flags, nxt = unpack(table, idx << 4)
-                if flags & 4:  # VIRTQ_DESC_F_INDIRECT: switch to its table (2.7.5.3)
-                    limit = length >> 4
-                    if (
-                        table is not desc
-                        or flags & 1  # NEXT
-                        or not limit
-                        or length & 15
-                        or limit > size
-                        or not self._indirect
-                    ):
-                        raise self._bad_indirect(head, table is not desc, length, flags)
-                    off = addr - hot_start
-                    if off >= 0 and off + length <= hot_size:
-                        table = hot_view[off : off + length]
-                    else:
-                        table = memory.slice(addr, length)
-                    budget = limit
-                    idx = 0
-                    continue
                 off = addr - hot_start
-                if off >= 0 and off + length <= hot_size:
-                    buf = hot_view[off : off + length]
-                else:
-                    buf = memory.slice(addr, length)
-                if flags & 2:  # VIRTQ_DESC_F_WRITE
-                    writable.append(buf)
+                if flags == 3 or flags == 2:  # VIRTQ_DESC_F_WRITE, with or without NEXT
+                    if off >= 0 and off + length <= hot_size:
+                        writable.append(hot_view[off : off + length])
+                    else:
+                        writable.append(memory.slice(addr, length))
                     wlen += length
-                elif writable:
-                    raise _invalid(head, "device-readable descriptor after a writable one")
-                else:
-                    readable.append(buf)
+                elif (flags == 1 or flags == 0) and not writable:
+                    if off >= 0 and off + length <= hot_size:
+                        readable.append(hot_view[off : off + length])
+                    else:
+                        readable.append(memory.slice(addr, length))
                     rlen += length
+                else:
+                    if flags & 4:  # VIRTQ_DESC_F_INDIRECT: switch to its table (2.7.5.3)
+                        limit = length >> 4
+                        if (
+                            table is not desc
+                            or flags & 1  # NEXT
+                            or not limit
+                            or length & 15
+                            or limit > size
+                            or not self._indirect
+                        ):
+                            raise self._bad_indirect(head, table is not desc, length, flags)
+                        if off >= 0 and off + length <= hot_size:
+                            table = hot_view[off : off + length]
+                        else:
+                            table = memory.slice(addr, length)
+                        budget = limit
+                        idx = 0
+                        continue
+                    if not flags & 2 and writable:
+                        raise _invalid(head, "device-readable descriptor after a writable one")
+                    # Flag bits a split ring does not define are ignored.
+                    if off >= 0 and off + length <= hot_size:
+                        buf = hot_view[off : off + length]
+                    else:
+                        buf = memory.slice(addr, length)
+                    if flags & 2:
+                        writable.append(buf)
+                        wlen += length
+                    else:
+                        readable.append(buf)
+                        rlen += length
                 if not flags & 1:  # VIRTQ_DESC_F_NEXT
                     break
                 budget -= 1
@@ -318,7 +350,8 @@ class SplitQueue:
         nu = (nu + 1) & 0xFFFF
         self._next_used = nu
         # x86 keeps stores in order: the element is visible before the idx that covers it.
-        _pack_u16(used, _USED_IDX, nu)
+        # (The element may be written with pack_into: the driver reads it only after the idx.)
+        self._used16[_H_IDX] = nu
 
     # -- notification suppression (2.7.7, 2.7.10) --------------------------------------------
 
@@ -336,12 +369,12 @@ class SplitQueue:
         if self._event_idx:
             if not valid:
                 return True
-            event: int = _unpack_u16(self._avail, self._used_event_off)[0]
+            event: int = self._avail16[self._used_event]
             # vring_need_event(event, new, old), inlined.
             return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
         if valid and new == old:
             return False
-        flags: int = _unpack_u16(self._avail, 0)[0]
+        flags: int = self._avail16[_H_FLAGS]
         return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
 
     def enable_notification(self) -> bool:
@@ -353,10 +386,10 @@ class SplitQueue:
         self._notify_enabled = True
         if self._event_idx:
             na = self._next_avail
-            _pack_u16(self._used, self._avail_event_off, na)
+            self._used16[self._avail_event] = na
             self._avail_event_published = na
         else:
-            _pack_u16(self._used, 0, 0)
+            self._used16[_H_FLAGS] = 0
         memory_barrier()
         return self.avail_idx() != self._next_avail
 
@@ -364,5 +397,5 @@ class SplitQueue:
         """Tell the driver kicks are not needed (best effort: the driver may still kick)."""
         self._notify_enabled = False
         if not self._event_idx:
-            _pack_u16(self._used, 0, VIRTQ_USED_F_NO_NOTIFY)
+            self._used16[_H_FLAGS] = VIRTQ_USED_F_NO_NOTIFY
         # With EVENT_IDX, simply not moving avail_event on suppresses further kicks.
