@@ -1,7 +1,7 @@
 """Sessions for the whole monorepo: lint, types, unit tests, build check, guest tests, benchmarks.
 
-The README's test command runs `nox -s lint typecheck build tests e2e conformance`; `.ci/run` runs
-exactly that command after installing the Debian packages it needs.
+The README's test command runs `nox -s lint typecheck build tests e2e conformance backends`;
+`.ci/run` runs exactly that command, after scripts/install-deps.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import nox
 
 ROOT = pathlib.Path(__file__).parent
 nox.options.reuse_existing_virtualenvs = True
-nox.options.sessions = ["lint", "typecheck", "build", "tests", "e2e", "conformance"]
+nox.options.sessions = ["lint", "typecheck", "build", "tests", "e2e", "conformance", "backends"]
 
 # In layering order: a package appears after everything it depends on.
 PACKAGES = [
