@@ -3,7 +3,7 @@
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from scsi_core.lun import MAX_LUN, REPORT_LUNS_WLUN, LunError, decode_lun, encode_lun
+from scsi_core.lun import MAX_LUN, REPORT_LUNS_WLUN, LunError, assign_luns, decode_lun, encode_lun
 
 
 def test_peripheral_and_flat_forms() -> None:
@@ -47,3 +47,24 @@ def test_flat_space_for_small_lun_decodes() -> None:
 def test_decode_never_raises(field: bytes) -> None:
     result = decode_lun(field)
     assert result is None or 0 <= result <= MAX_LUN or result == REPORT_LUNS_WLUN
+
+
+def test_assign_luns_numbers_in_order_and_honours_explicit_luns() -> None:
+    assert assign_luns(["a", "5=b", "c"]) == [(0, "a"), (5, "b"), (6, "c")]
+    # A bare item takes the first free LUN after the previous one.
+    assert assign_luns(["3=a", "b", "2=c", "d"]) == [(3, "a"), (4, "b"), (2, "c"), (5, "d")]
+    # "x=y" where x is not a number is a plain item (a path may contain '=').
+    assert assign_luns(["img=1.raw"]) == [(0, "img=1.raw")]
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        (["16384=a"], "outside 0..16383"),
+        (["1=a", "1=b"], "given twice"),
+        (["a", "0=b"], "given twice"),
+    ],
+)
+def test_assign_luns_rejects_bad_numbering(items: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        assign_luns(items)

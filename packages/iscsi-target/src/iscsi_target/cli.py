@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import NoReturn
 
 import trio
+from scsi_core.lun import assign_luns
 from scsi_emulation.backend import StorageBackend
 from scsi_emulation.backends.uri import (
     FileLocation,
@@ -42,7 +43,6 @@ from iscsi_target.server import DEFAULT_PORT, IscsiServer
 __all__ = ["CliError", "LunSpec", "ServerOptions", "build_target", "main", "parse_args"]
 
 PROG = "iscsi-target"
-MAX_LUN = 16383
 LOG_LEVELS = ("debug", "info", "warning", "error")
 logger = logging.getLogger(__name__)
 
@@ -191,25 +191,11 @@ def _lun_spec(item: str, lun: int, base: LunSpec) -> LunSpec:
 
 
 def _lun_specs(items: Sequence[str], base: LunSpec) -> tuple[LunSpec, ...]:
-    specs: list[LunSpec] = []
-    used: set[int] = set()
-    next_lun = 0
-    for item in items:
-        lun_text, sep, rest = item.partition("=")
-        if sep and lun_text.isdigit():
-            lun = int(lun_text)
-            if lun > MAX_LUN:
-                raise CliError(f"LUN {lun} in {item!r} is outside 0..{MAX_LUN}")
-        else:
-            lun, rest = next_lun, item
-            while lun in used:
-                lun += 1
-        if lun in used:
-            raise CliError(f"LUN {lun} is given twice ({item!r})")
-        used.add(lun)
-        next_lun = lun + 1
-        specs.append(_lun_spec(rest, lun, base))
-    return tuple(specs)
+    try:
+        assigned = assign_luns(items)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    return tuple(_lun_spec(rest, lun, base) for lun, rest in assigned)
 
 
 def _chap(ns: argparse.Namespace) -> tuple[ChapCredentials | None, ChapCredentials | None]:

@@ -8,10 +8,13 @@ each wrap it in their own header).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 __all__ = [
     "MAX_LUN",
     "REPORT_LUNS_WLUN",
     "LunError",
+    "assign_luns",
     "decode_lun",
     "encode_lun",
 ]
@@ -66,3 +69,31 @@ def decode_lun(b: bytes | bytearray | memoryview) -> int | None:
     if first == 0xC1 and second == 0x01:
         return REPORT_LUNS_WLUN
     return None
+
+
+def assign_luns(items: Iterable[str]) -> list[tuple[int, str]]:
+    """Number logical-unit arguments as both daemons' command lines take them.
+
+    ``N=REST`` puts REST at LUN N; a bare ``REST`` takes the LUN after the previous one (the
+    first free one from there). Returns ``(lun, rest)`` pairs in order. Raises ValueError,
+    naming the item, for a LUN above MAX_LUN or given twice.
+    """
+    assigned: list[tuple[int, str]] = []
+    used: set[int] = set()
+    next_lun = 0
+    for item in items:
+        lun_text, sep, rest = item.partition("=")
+        if sep and lun_text.isdigit():
+            lun = int(lun_text)
+            if lun > MAX_LUN:
+                raise ValueError(f"LUN {lun} in {item!r} is outside 0..{MAX_LUN}")
+        else:
+            lun, rest = next_lun, item
+            while lun in used:
+                lun += 1
+        if lun in used:
+            raise ValueError(f"LUN {lun} is given twice ({item!r})")
+        used.add(lun)
+        next_lun = lun + 1
+        assigned.append((lun, rest))
+    return assigned

@@ -20,10 +20,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
+from scsi_core.lun import assign_luns
+
 __all__ = ["CliError", "DaemonOptions", "ImageSpec", "main", "parse_args", "prepare_listener"]
 
 PROG = "vhost-device-scsi"
-MAX_LUN = 16383
 MAX_REQUEST_QUEUES = 128
 BLOCK_SIZES = (512, 4096)
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -157,26 +158,15 @@ def _check_location(item: str, path: str) -> None:
 
 
 def _image_specs(items: Sequence[str]) -> tuple[ImageSpec, ...]:
+    try:
+        assigned = assign_luns(items)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     specs: list[ImageSpec] = []
-    used: set[int] = set()
-    next_lun = 0
-    for item in items:
-        lun_text, sep, path = item.partition("=")
-        if sep and lun_text.isdigit():
-            lun = int(lun_text)
-            if lun > MAX_LUN:
-                raise CliError(f"LUN {lun} in {item!r} is outside 0..{MAX_LUN}")
-        else:
-            lun, path = next_lun, item
-            while lun in used:
-                lun += 1
+    for (lun, path), item in zip(assigned, items, strict=True):
         if not path:
             raise CliError(f"no image path in {item!r}")
         _check_location(item, path)
-        if lun in used:
-            raise CliError(f"LUN {lun} is given twice ({item!r})")
-        used.add(lun)
-        next_lun = lun + 1
         specs.append(ImageSpec(lun, path))
     return tuple(specs)
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 # trio 0.22 ships no type information; newer trio does.
 import trio
+from scsi_core.lun import MAX_LUN
 
 __all__ = [
     "MAX_LINE",
@@ -43,7 +44,6 @@ logger = logging.getLogger(__name__)
 
 #: Longest command line accepted; a longer one is answered with an error and the connection closed.
 MAX_LINE = 4096
-MAX_LUN = 16383
 
 
 class ControlError(Exception):
