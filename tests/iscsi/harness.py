@@ -34,7 +34,16 @@ else:
     from cu_log import Outcome, merge, parse_log, suite_of
     from tgt_reference import TGT
 
-__all__ = ["PROFILES", "Profile", "load_expected_failures", "run_suite", "summary_table"]
+__all__ = [
+    "PROFILES",
+    "Profile",
+    "junit_xml",
+    "load_expected_failures",
+    "run_suite",
+    "summary_table",
+    "tool_path",
+    "totals_line",
+]
 
 IQN = "iqn.2024-01.org.example:conformance"
 IMAGE_SIZE = 64 << 20
@@ -58,7 +67,10 @@ class Profile:
 PROFILES = (
     Profile("plain", "", multipath=True),
     Profile("thin", ",thin=on"),
-    Profile("readonly", ",ro", tests="ALL.ReadOnly"),
+    # Thin as well, so UNMAP and WRITE SAME with UNMAP exist and ReadOnlySBC can check that
+    # they, too, end DATA PROTECT (on a fully provisioned LU it logs UNMAP as not implemented,
+    # which counts as a skip).
+    Profile("readonly", ",ro,thin=on", tests="ALL.ReadOnly"),
     Profile("removable", ",removable"),
 )
 
@@ -183,8 +195,21 @@ def summary_table(outcomes: Mapping[str, Outcome]) -> str:
     return "\n".join(lines)
 
 
-def junit_xml(outcomes: Mapping[str, Outcome]) -> str:
-    """JUnit XML with real skips (CUnit's own XML cannot tell skips from passes)."""
+def totals_line(outcomes: Mapping[str, Outcome]) -> str:
+    """ "iscsi-test-cu: P passed, F failed, S skipped of N" over the merged outcomes."""
+    counts = Counter(outcomes.values())
+    return (
+        f"iscsi-test-cu: {counts[Outcome.PASSED]} passed, {counts[Outcome.FAILED]} failed, "
+        f"{counts[Outcome.SKIPPED]} skipped of {len(outcomes)}"
+    )
+
+
+def junit_xml(outcomes: Mapping[str, Outcome], expected: Mapping[str, str] | None = None) -> str:
+    """JUnit XML with real skips (CUnit's own XML cannot tell skips from passes).
+
+    A failure listed in ``expected`` (name -> reason) carries its reason as the message.
+    """
+    expected = expected or {}
     failed = sum(o is Outcome.FAILED for o in outcomes.values())
     skipped = sum(o is Outcome.SKIPPED for o in outcomes.values())
     parts = [
@@ -195,6 +220,8 @@ def junit_xml(outcomes: Mapping[str, Outcome]) -> str:
     for name, outcome in sorted(outcomes.items()):
         suite, _, test = name.rpartition(".")
         body = {Outcome.FAILED: "<failure/>", Outcome.SKIPPED: "<skipped/>"}.get(outcome, "")
+        if outcome is Outcome.FAILED and name in expected:
+            body = f"<failure message={quoteattr('expected failure: ' + expected[name])}/>"
         parts.append(
             f"  <testcase classname={quoteattr(suite)} name={quoteattr(test)}>{body}</testcase>"
         )
@@ -213,10 +240,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"harness: {exc}", file=sys.stderr)
         return 2
     print(summary_table(merged))
+    print(totals_line(merged))
+    expected = load_expected_failures()
     if args.junit:
         with open(args.junit, "w", encoding="utf-8") as file:
-            file.write(junit_xml(merged))
-    expected = load_expected_failures()
+            file.write(junit_xml(merged, expected))
     unexpected = sorted(n for n, o in merged.items() if o is Outcome.FAILED and n not in expected)
     for name in unexpected:
         print(f"UNEXPECTED FAILURE: {name}")

@@ -161,28 +161,42 @@ def _pre_fetch(dev: BlockDevice, request: Request) -> Response:
     return GOOD
 
 
+def _write_same_pattern(dev: BlockDevice, request: Request) -> bytes:
+    """The one logical block a WRITE SAME writes, from a Data-Out buffer of exactly that size.
+
+    SBC-4 WRITE SAME(10)/(16): the Data-Out Buffer holds a single logical block. The CDB has
+    no transfer length, so the buffer's size is the only statement of what the client sent;
+    any other size (shorter, or longer: data the command could not place) is a mismatch
+    between the command and its information unit, answered like a short buffer elsewhere:
+    ILLEGAL REQUEST, INVALID FIELD IN COMMAND INFORMATION UNIT, nothing written.
+    """
+    reader = request.data_out
+    if reader is None or reader.remaining() != dev.block_size:
+        raise CommandError(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_COMMAND_INFORMATION_UNIT)
+    return reader.read(dev.block_size)
+
+
 def _write_same(dev: BlockDevice, request: Request) -> Response:
     """WRITE SAME(10/16) (SBC-4 5.44) with UNMAP and NDOB."""
     c = decode_block_cdb(request.cdb)
     sixteen = c.opcode == Opcode.WRITE_SAME_16
     length_byte = 10 if sixteen else 7
     _protect_check(c)
+    # A write-protected LU refuses every medium write (SBC-4 write protection), whichever
+    # way it would change the medium: before the UNMAP and ANCHOR checks, so WRITE SAME with
+    # UNMAP on a read-only LU is DATA PROTECT whether or not the LU could unmap.
+    dev.check_writable()
     if c.anchor:  # ANC_SUP is 0
         raise invalid_field_in_cdb(1, 4)
     if c.unmap and not dev.options.thin_provisioning:
         raise invalid_field_in_cdb(1, 3)
-    dev.check_writable()
     if c.length == 0:  # WSNZ is 1 in the Block Limits page
         raise invalid_field_in_cdb(length_byte)
     if c.length > dev.options.max_write_same_blocks:
         raise invalid_field_in_cdb(length_byte)
     dev.check_range(c.lba, c.length)
     block = dev.block_size
-    if c.ndob:
-        pattern = bytes(block)
-    else:
-        dev.require_data_out(request, block)
-        pattern = receive_parameters(request, block)
+    pattern = bytes(block) if c.ndob else _write_same_pattern(dev, request)
     offset, total = c.lba << dev.shift, c.length << dev.shift
     try:
         if not any(pattern):
@@ -210,9 +224,9 @@ def _write_same(dev: BlockDevice, request: Request) -> Response:
 def unmap(dev: BlockDevice, request: Request) -> Response:
     """UNMAP (SBC-4 5.32): validate every descriptor, then punch the holes."""
     cdb = request.cdb
+    dev.check_writable()  # DATA PROTECT first, as for WRITE SAME with UNMAP
     if cdb[1] & 0x01:  # ANCHOR without ANC_SUP
         raise invalid_field_in_cdb(1, 0)
-    dev.check_writable()
     length = int.from_bytes(cdb[7:9], "big")
     if length == 0:
         return GOOD
