@@ -10,6 +10,14 @@ transports.
 Hot path cost: one set membership test (is this nexus free of unit attentions and
 reservation conflicts?), one list index for dispatch, one precompiled ``struct`` unpack, a
 bounds check, ``buffers()``/``preadv``/``advance``, and a shared GOOD response.
+
+An asynchronous back-end (NBD, RBD: ``backend.asynchronous``) gets its READs, WRITEs, WRITE
+AND VERIFYs and SYNCHRONIZE CACHEs through ``submit_*`` instead: `execute` returns None and
+the back-end's completion calls ``complete`` (a `_Submission` decides which of the two
+happens when the back-end completes before ``submit_*`` returns). Which path a device takes is
+chosen once, when it is built: the local path pays nothing for it. The device counts what is
+in flight: COMPARE AND WRITE and ORWRITE (read-modify-write, atomic: SBC-4 5.3, 5.8) and the
+task management functions that abort or reset wait until it has all completed.
 """
 
 from __future__ import annotations
@@ -19,8 +27,10 @@ import functools
 import logging
 import os
 import struct
+import threading
 from collections.abc import Callable, Hashable
 
+from scsi_core.cdb import decode_block_cdb
 from scsi_core.opcodes import Opcode
 from scsi_core.sense import Asc, SenseKey
 from scsi_core.status import Status
@@ -93,6 +103,26 @@ _SHORT_DATA_OUT = CommandError(
     SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_COMMAND_INFORMATION_UNIT
 )
 _PROTECT_FIELD = invalid_field_in_cdb(1, 7)  # RDPROTECT/WRPROTECT without protection info
+_READS = frozenset((Opcode.READ_6, Opcode.READ_10, Opcode.READ_12, Opcode.READ_16))
+_INTERNAL_FAILURE = CommandError(SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE)
+#: Read-modify-write commands: atomic, so no submitted write may land in the middle.
+_WAIT_FOR_IN_FLIGHT = frozenset((Opcode.COMPARE_AND_WRITE, Opcode.ORWRITE_16))
+#: How long an abort, a reset or an atomic command waits for submitted requests (the NBD
+#: client's own bound on a request, retries included, is shorter).
+IN_FLIGHT_TIMEOUT = 60.0
+
+
+_WAITING_TMFS = frozenset(
+    (
+        TaskManagementFunction.ABORT_TASK,
+        TaskManagementFunction.ABORT_TASK_SET,
+        TaskManagementFunction.CLEAR_TASK_SET,
+        TaskManagementFunction.LOGICAL_UNIT_RESET,
+        TaskManagementFunction.I_T_NEXUS_RESET,
+        TaskManagementFunction.TARGET_WARM_RESET,
+        TaskManagementFunction.TARGET_COLD_RESET,
+    )
+)
 
 
 def check_cdb(cdb: bytes | memoryview, usage: bytes) -> None:
@@ -113,12 +143,86 @@ def check_cdb(cdb: bytes | memoryview, usage: bytes) -> None:
 
 def backend_error(e: BackendError, writing: bool) -> CommandError:
     """The sense for a failed back-end call (SBC-4 4.x; thin provisioning 4.7.3.7)."""
-    logger.warning("back-end %s error: %s", "write" if writing else "read", e)
+    # A back-end closed under in-flight commands (the LU is going away) is not news.
+    level = logging.DEBUG if e.errno == errno.ESHUTDOWN else logging.WARNING
+    logger.log(level, "back-end %s error: %s", "write" if writing else "read", e)
     if writing and e.errno == 28:  # ENOSPC
         return CommandError(SenseKey.DATA_PROTECT, Asc.SPACE_ALLOCATION_FAILED_WRITE_PROTECT)
     if writing:
         return CommandError(SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR)
     return CommandError(SenseKey.MEDIUM_ERROR, Asc.UNRECOVERED_READ_ERROR)
+
+
+class _Submission:
+    """One command handed to an asynchronous back-end; it is the back-end's ``done`` callback.
+
+    The back-end may call it before ``submit_*`` returns (on the caller's thread, or on its
+    own thread racing with the return), or any time later. Exactly one of two things must
+    happen: `execute` returns the response, or ``complete`` is called with it. Both sides
+    claim a one-shot lock without blocking after their part is done (``done``: after storing
+    the response); whoever claims it first lets the other one deliver.
+    """
+
+    __slots__ = (
+        "_claim",
+        "complete",
+        "device",
+        "length",
+        "request",
+        "residual",
+        "response",
+        "writing",
+    )
+
+    def __init__(
+        self,
+        device: BlockDevice,
+        request: Request,
+        complete: Completion,
+        length: int,
+        residual: int,
+        writing: bool,
+    ) -> None:
+        self.device = device
+        self.request = request
+        self.complete = complete
+        self.length = length  # bytes moved: the reader/writer advances by this much on success
+        self.residual = residual
+        self.writing = writing
+        self.response: Response = GOOD
+        self._claim = threading.Lock()
+
+    def submitted(self) -> Response | None:
+        """Called once ``submit_*`` returned: the response when ``done`` already ran (then
+        it will not call ``complete``), else None (``done`` calls ``complete`` later)."""
+        if self._claim.acquire(False):
+            return None
+        return self.response
+
+    def __call__(self, error: BackendError | None) -> None:
+        device = self.device
+        try:
+            try:
+                response = self._outcome(error)
+            except Exception:  # never let the back-end's thread see an exception
+                logger.exception("completing a back-end request failed")
+                response = device.error_response(_INTERNAL_FAILURE, self.request)
+            self.response = response
+            if not self._claim.acquire(False):  # `submitted` already returned None
+                self.complete(response)
+        finally:
+            device.request_finished()
+
+    def _outcome(self, error: BackendError | None) -> Response:
+        request = self.request
+        if error is not None:
+            return self.device.error_response(backend_error(error, self.writing), request)
+        if self.length:
+            stream = request.data_out if self.writing else request.data_in
+            assert stream is not None
+            stream.advance(self.length)
+        residual = self.residual
+        return Response(Status.GOOD, b"", residual) if residual else GOOD
 
 
 def nowait_reads_work(backend: StorageBackend) -> bool:
@@ -178,9 +282,18 @@ class BlockDevice(LogicalUnit):
         self.sanitizing = False  # an IMMED SANITIZE is running (SBC-4 4.11)
         self.lun = 0
         self.lister: LunLister = lambda: [self.lun]
+        #: Whether READ/WRITE/SYNCHRONIZE CACHE go through ``submit_*`` (remote storage).
+        self.asynchronous = backend.asynchronous
+        self._in_flight = 0  # submitted requests whose completion has not finished
+        self._idle = threading.Condition(threading.Lock())
         # Reads try the page cache without blocking only where that can work; the pool then
-        # finishes the misses.
-        self._pool = io_pool if io_pool is not None and nowait_reads_work(backend) else None
+        # finishes the misses. An asynchronous back-end needs no pool: it has many requests
+        # in flight by itself.
+        self._pool = (
+            io_pool
+            if io_pool is not None and not self.asynchronous and nowait_reads_work(backend)
+            else None
+        )
         # Nexuses that may take the hot path: no unit attention pending, no conflict.
         self._fast: set[Hashable] = set()
         self.commands = self._supported_commands()
@@ -220,15 +333,59 @@ class BlockDevice(LogicalUnit):
             Opcode.WRITE_12: self._write12,
             Opcode.WRITE_16: self._write16,
         }
+        if self.asynchronous:
+            # Chosen here, once, so that the local hot path pays nothing for it: READ/WRITE
+            # submit (their CDBs decoded generically: the network round trip dwarfs that).
+            for opcode in hot:
+                hot[opcode] = (
+                    self._submit_read_command if opcode in _READS else self._submit_write_command
+                )
         for opcode, handler in hot.items():
             handlers[opcode] = handler
+        if self.asynchronous:
+            # The commands whose only I/O is one write or one flush submit it too; the other
+            # commands (VERIFY with BYTCHK, COMPARE AND WRITE, UNMAP...) keep the blocking
+            # calls, which an asynchronous back-end also provides.
+            submitting: dict[int, Callable[[BlockDevice, Request, Completion], Response | None]] = {
+                Opcode.SYNCHRONIZE_CACHE_10: BlockDevice._synchronize_cache,
+                Opcode.SYNCHRONIZE_CACHE_16: BlockDevice._synchronize_cache,
+                Opcode.WRITE_AND_VERIFY_10: BlockDevice._write_and_verify,
+                Opcode.WRITE_AND_VERIFY_12: BlockDevice._write_and_verify,
+                Opcode.WRITE_AND_VERIFY_16: BlockDevice._write_and_verify,
+            }
+            for info in self.commands:
+                method = submitting.get(info.opcode)
+                if method is not None and info.service_action is None:
+                    handlers[info.opcode] = functools.partial(
+                        self._checked_submission, method, info.usage
+                    )
+            for opcode in _WAIT_FOR_IN_FLIGHT:
+                handlers[opcode] = functools.partial(self._after_in_flight, handlers[opcode])
         return handlers
+
+    def _after_in_flight(
+        self, handler: Handler, request: Request, complete: Completion
+    ) -> Response | None:
+        if not self.wait_idle(IN_FLIGHT_TIMEOUT):
+            logger.error("LUN %d: submitted requests did not complete in time", self.lun)
+            raise _INTERNAL_FAILURE
+        return handler(request, complete)
 
     def _checked(
         self, fn: CommandFunction, usage: bytes, request: Request, complete: Completion
     ) -> Response:
         check_cdb(request.cdb, usage)
         return fn(self, request)
+
+    def _checked_submission(
+        self,
+        method: Callable[[BlockDevice, Request, Completion], Response | None],
+        usage: bytes,
+        request: Request,
+        complete: Completion,
+    ) -> Response | None:
+        check_cdb(request.cdb, usage)
+        return method(self, request, complete)
 
     def _by_service_action(
         self, actions: dict[int, Handler], request: Request, complete: Completion
@@ -414,7 +571,7 @@ class BlockDevice(LogicalUnit):
         return self.write(request, lba, n, bool(flags & 0x08))
 
     def write(self, request: Request, lba: int, n: int, fua: bool) -> Response:
-        """Write ``n`` blocks at ``lba`` from the data-out buffer (SBC-4 5.40).
+        """Write ``n`` blocks at ``lba`` from the data-out buffer (SBC-4 5.40), blocking.
 
         Durable before GOOD when FUA is set or the write cache is off (WCE=0). A data-out
         buffer shorter than the transfer writes nothing (FCP-4 9.4.2 b).
@@ -443,6 +600,112 @@ class BlockDevice(LogicalUnit):
             reader.advance(want)
         left = capacity - want
         return Response(Status.GOOD, b"", left) if left else GOOD
+
+    # -- asynchronous back-ends: submit, complete later ---------------------------------
+
+    def _request_started(self) -> None:
+        with self._idle:
+            self._in_flight += 1
+
+    def request_finished(self) -> None:
+        """A submitted request has delivered its response (called by its completion)."""
+        with self._idle:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.notify_all()
+
+    @property
+    def in_flight(self) -> int:
+        """How many submitted requests have not completed yet."""
+        return self._in_flight
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until every submitted request has completed; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._in_flight, timeout)
+
+    def _submit_read_command(self, request: Request, complete: Completion) -> Response | None:
+        """READ(6/10/12/16) on an asynchronous back-end."""
+        c = decode_block_cdb(request.cdb)
+        if c.protect:  # RDPROTECT without protection information (SBC-4 4.22)
+            raise _PROTECT_FIELD
+        return self.submit_read(request, complete, c.lba, c.length)
+
+    def _submit_write_command(self, request: Request, complete: Completion) -> Response | None:
+        """WRITE(6/10/12/16) on an asynchronous back-end."""
+        c = decode_block_cdb(request.cdb)
+        if c.protect:  # WRPROTECT without protection information (SBC-4 4.22)
+            raise _PROTECT_FIELD
+        return self.submit_write(request, complete, c.lba, c.length, c.fua)
+
+    def submit_read(
+        self, request: Request, complete: Completion, lba: int, n: int
+    ) -> Response | None:
+        """`read` through ``backend.submit_read``: None while it is in flight."""
+        nblocks = self.nblocks
+        if lba + n > nblocks or lba >= nblocks:
+            raise _LBA_OUT_OF_RANGE
+        writer = request.data_in
+        if writer is None:
+            return GOOD
+        capacity = writer.remaining()
+        want = n << self.shift
+        if want > capacity:
+            want = capacity
+        if not want:
+            return Response(Status.GOOD, b"", capacity) if capacity else GOOD
+        op = _Submission(self, request, complete, want, capacity - want, False)
+        self._request_started()
+        self.backend.submit_read(lba << self.shift, writer.buffers(want), want, op)
+        return op.submitted()
+
+    def submit_write(
+        self, request: Request, complete: Completion, lba: int, n: int, fua: bool
+    ) -> Response | None:
+        """`write` through ``backend.submit_write``: None while it is in flight."""
+        if self.read_only:
+            raise _WRITE_PROTECTED
+        nblocks = self.nblocks
+        if lba + n > nblocks or lba >= nblocks:
+            raise _LBA_OUT_OF_RANGE
+        reader = request.data_out
+        if reader is None:
+            if n:
+                raise _SHORT_DATA_OUT
+            return GOOD
+        capacity = reader.remaining()
+        want = n << self.shift
+        if capacity < want:
+            raise _SHORT_DATA_OUT
+        left = capacity - want
+        if not want:
+            return Response(Status.GOOD, b"", left) if left else GOOD
+        op = _Submission(self, request, complete, want, left, True)
+        self._request_started()
+        self.backend.submit_write(
+            lba << self.shift, reader.buffers(want), want, fua or self.durable, op
+        )
+        return op.submitted()
+
+    def _write_and_verify(self, request: Request, complete: Completion) -> Response | None:
+        """WRITE AND VERIFY(10/12/16) (SBC-4 5.43) as a durable submitted write: what the
+        storage acknowledged durably is what the medium holds."""
+        c = decode_block_cdb(request.cdb)
+        if c.protect:  # no protection information on this LU (SBC-4 4.22)
+            raise _PROTECT_FIELD
+        if c.bytchk & 0b10:
+            raise invalid_field_in_cdb(1, 2)
+        return self.submit_write(request, complete, c.lba, c.length, True)
+
+    def _synchronize_cache(self, request: Request, complete: Completion) -> Response | None:
+        """SYNCHRONIZE CACHE(10/16) (SBC-4 5.28) as a submitted flush (the whole cache: the
+        range only has to be valid)."""
+        c = decode_block_cdb(request.cdb)
+        self.check_range(c.lba, c.length)
+        op = _Submission(self, request, complete, 0, 0, True)
+        self._request_started()
+        self.backend.submit_flush(op)
+        return op.submitted()
 
     def check_range(self, lba: int, n: int) -> None:
         """LOGICAL BLOCK ADDRESS OUT OF RANGE unless ``lba``..``lba+n`` is on the medium."""
@@ -509,9 +772,14 @@ class BlockDevice(LogicalUnit):
             and self.ua.peek(nexus) is not None
         ):
             return TmfResponse.FUNCTION_SUCCEEDED
-        # ABORT TASK / ABORT TASK SET / CLEAR TASK SET / QUERY TASK (SET): every command
-        # here has completed by the time a TMF can be processed, or is a pool read that
-        # will complete on its own; there is nothing to abort.
+        # ABORT TASK / ABORT TASK SET / CLEAR TASK SET: every command here has completed by
+        # the time a TMF can be processed, or is a pool read or a submitted request that will
+        # complete on its own; a submitted one cannot be recalled from the storage, so an
+        # abort waits until it has completed (as QEMU's does for its own requests), and so
+        # do the resets above: nothing they ended may still reach the medium afterwards.
+        if function in _WAITING_TMFS and self._in_flight and not self.wait_idle(IN_FLIGHT_TIMEOUT):
+            logger.error("LUN %d: %s: submitted requests did not complete", self.lun, function.name)
+            return TmfResponse.FUNCTION_REJECTED
         return TmfResponse.FUNCTION_COMPLETE
 
     def _reset(self, code: Asc) -> None:

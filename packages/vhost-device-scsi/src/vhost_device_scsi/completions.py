@@ -3,7 +3,10 @@
 A target may finish a command on a worker thread (scsi_core.target, "Pending"). The virtqueue
 is not thread-safe, so the worker only appends (item, response) to a deque and bumps an eventfd;
 the device's trio task wakes on the eventfd and finishes the requests, in batches, on its own
-thread. Knows nothing about SCSI, virtio or what the items are.
+thread. Completions keep arriving after the channel closed (a front-end that disconnects with
+commands in flight at remote storage): they are dropped, and a lock keeps them from writing to
+an eventfd number that `close` released and the process may have reused. Knows nothing about
+SCSI, virtio or what the items are.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import collections
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
@@ -29,21 +33,23 @@ R = TypeVar("R")
 class CompletionChannel(Generic[T, R]):
     """deque + eventfd: `post` from any thread, `drain` and `wait` on the owning thread."""
 
-    __slots__ = ("_closed", "_fd", "_items")
+    __slots__ = ("_closed", "_fd", "_items", "_lock")
 
     def __init__(self) -> None:
         self._items: collections.deque[tuple[T, R]] = collections.deque()
         self._fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._closed = False
+        self._lock = threading.Lock()
 
     def post(self, item: T, result: R) -> None:
-        """Queue one completion and wake the owner (thread-safe: deque.append is atomic)."""
-        self._items.append((item, result))
-        try:
+        """Queue one completion and wake the owner (thread-safe). After `close`, dropped."""
+        with self._lock:
+            if self._closed:
+                # The connection went away: nobody is left to hear about it.
+                logger.debug("completion posted after the channel closed; dropped")
+                return
+            self._items.append((item, result))
             os.eventfd_write(self._fd, 1)
-        except OSError:
-            # Closed after the connection went away: nobody is left to hear about it.
-            logger.debug("completion posted after the channel closed; dropped")
 
     def drain(self) -> Iterator[tuple[T, R]]:
         """Yield every queued completion, including ones posted while draining."""
@@ -68,9 +74,12 @@ class CompletionChannel(Generic[T, R]):
 
     def close(self) -> None:
         """Release the eventfd; later posts are dropped. Idempotent."""
-        if not self._closed:
+        with self._lock:
+            if self._closed:
+                return
             self._closed = True
             fd, self._fd = self._fd, -1
+            self._items.clear()
             # Outside trio (RuntimeError) nobody can be waiting on it.
             with contextlib.suppress(RuntimeError):
                 trio.lowlevel.notify_closing(fd)

@@ -1,0 +1,377 @@
+"""Host-driven benchmark on remote storage: our daemon vs qemu-storage-daemon, same back-end.
+
+The instrument is ../shared/tools/vu-bench.c (see host_vu_bench.py): it keeps --qd 4 KiB
+requests in flight on one request queue. Both daemons serve the same storage, one after the
+other inside one run: an NBD export (nbdkit's memory plugin; our ``nbd://`` LU against
+``--blockdev driver=nbd``) and, where Ceph is installed and its Python bindings import, an RBD
+image on a single-node memstore cluster started here (our ``rbd:`` LU against
+``--blockdev driver=rbd``). IOPS and the daemon's CPU time per request at queue depth 1 and
+32, reads and writes, medians of --rounds interleaved rounds. Figures are printed, never
+asserted; every piece whose tool is missing is skipped with a message.
+
+memstore measures the clients, not Ceph: compare the two columns, not the absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import os
+import pathlib
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import ModuleType
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _sibling(name: str) -> ModuleType:
+    """A module next to this script (``benchmarks/`` is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        name, pathlib.Path(__file__).with_name(name + ".py")
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_host_vu_bench = _sibling("host_vu_bench")
+build_vu_bench: Callable[[], pathlib.Path | None] = _host_vu_bench.build_vu_bench
+stop: Callable[[subprocess.Popen[bytes]], None] = _host_vu_bench.stop
+wait_socket: Callable[..., None] = _host_vu_bench.wait_socket
+MiB = 1 << 20
+SPAN_MB = 256
+IMAGE_MB = 512
+CONFIGS = [(1, False), (1, True), (32, False), (32, True)]  # (queue depth, write)
+
+
+@dataclass
+class Storage:
+    """One back-end both daemons can open: our LU location and QEMU's --blockdev options."""
+
+    name: str
+    uri: str
+    blockdev: str
+    #: The interpreter our daemon runs under (the Ceph bindings import only under Debian's).
+    python: str
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.connect(("127.0.0.1", port))
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"{what} did not listen on port {port}")
+
+
+@contextlib.contextmanager
+def nbd_storage() -> Iterator[Storage | None]:
+    """nbdkit's memory plugin on 127.0.0.1 (enough threads for 32 requests in flight)."""
+    nbdkit = shutil.which("nbdkit")
+    if nbdkit is None:
+        print("NBD skipped: nbdkit not installed (scripts/install-deps)")
+        yield None
+        return
+    port = free_port()
+    argv = [nbdkit, "--exit-with-parent", "-f", "-i", "127.0.0.1", "-p", str(port)]
+    argv += ["--threads", "64", "memory", f"{IMAGE_MB}M"]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc, "nbdkit")
+        yield Storage(
+            "nbd",
+            f"nbd://127.0.0.1:{port}/",
+            f"driver=nbd,node-name=b,server.type=inet,server.host=127.0.0.1,server.port={port}",
+            sys.executable,
+        )
+    finally:
+        stop(proc)
+
+
+def _python_with_rbd() -> str | None:
+    """An interpreter that imports both the Ceph bindings and our daemon, or None."""
+    candidates = [sys.executable, str(ROOT / ".nox" / "backends" / "bin" / "python")]
+    check = "import rados, rbd, vhost_device_scsi"
+    for python in candidates:
+        if (
+            os.path.exists(python)
+            and not subprocess.run(
+                [python, "-c", check], capture_output=True, check=False
+            ).returncode
+        ):
+            return python
+    return None
+
+
+_CEPH_CONF = """\
+[global]
+fsid = {fsid}
+mon host = [v2:127.0.0.1:{v2},v1:127.0.0.1:{v1}]
+public network = 127.0.0.1/32
+public addr = 127.0.0.1
+cluster addr = 127.0.0.1
+ms bind ipv6 = false
+keyring = {dir}/keyring
+run dir = {dir}/run
+admin socket = {dir}/run/$name.asok
+pid file = {dir}/run/$name.pid
+log file = {dir}/log/$name.log
+log to stderr = false
+err to stderr = true
+osd pool default size = 1
+osd pool default min size = 1
+osd pool default pg num = 8
+osd pool default pgp num = 8
+osd crush chooseleaf type = 0
+mon allow pool size one = true
+mon warn on pool no redundancy = false
+mon data avail warn = 1
+mon data avail crit = 0
+auth allow insecure global id reclaim = false
+osd pool default pg autoscale mode = off
+osd objectstore = memstore
+[client]
+admin socket = {dir}/run/$name.$pid.asok
+rbd cache = false
+[mon]
+mon data = {dir}/mon.$id
+[osd]
+osd data = {dir}/osd.$id
+keyring = {dir}/$name/keyring
+memstore device bytes = 2147483648
+"""
+
+
+def _ceph_down(root: pathlib.Path) -> None:
+    pids = []
+    for pidfile in (root / "run").glob("*.pid"):
+        with contextlib.suppress(ValueError, OSError):
+            pid = int(pidfile.read_text().strip())
+            os.kill(pid, signal.SIGTERM)
+            pids.append(pid)
+    for pid in pids:
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+            except OSError:
+                break
+            time.sleep(0.1)
+        else:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def rbd_storage() -> Iterator[Storage | None]:
+    """A single-node memstore cluster (one mon, one OSD; the recipe of
+    ../shared/backends.md) with one image, torn down afterwards."""
+    missing = [
+        t for t in ("ceph-mon", "ceph-osd", "ceph", "ceph-authtool", "monmaptool", "rbd")
+        if shutil.which(t) is None
+    ]  # fmt: skip
+    python = _python_with_rbd()
+    if missing:
+        print(f"RBD skipped: {', '.join(missing)} not installed (scripts/install-deps)")
+        yield None
+        return
+    if python is None:
+        print(
+            "RBD skipped: no interpreter imports both the Ceph bindings and the daemon "
+            "(run nox -s backends once: its venv is used)"
+        )
+        yield None
+        return
+    root = pathlib.Path(tempfile.mkdtemp(prefix="bench-ceph-"))
+    for sub in ("mon.a", "osd.0", "run", "log"):
+        (root / sub).mkdir()
+    conf = root / "ceph.conf"
+    fsid = str(uuid.uuid4())
+    conf.write_text(_CEPH_CONF.format(fsid=fsid, v2=free_port(), v1=free_port(), dir=root))
+    env = {**os.environ, "CEPH_CONF": str(conf)}
+
+    def run(*argv: str) -> str:
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+        if out.returncode:
+            raise RuntimeError(f"{' '.join(argv)}: {out.stderr.strip()[-300:]}")
+        return out.stdout
+
+    try:
+        keyring = str(root / "keyring")
+        run("ceph-authtool", "--create-keyring", keyring, "--gen-key", "-n", "mon.",
+            "--cap", "mon", "allow *")  # fmt: skip
+        run("ceph-authtool", keyring, "--gen-key", "-n", "client.admin", "--cap", "mon",
+            "allow *", "--cap", "osd", "allow *", "--cap", "mgr", "allow *")  # fmt: skip
+        monmap = str(root / "monmap")
+        v2, v1 = re.findall(r"127\.0\.0\.1:(\d+)", conf.read_text())[:2]
+        addr = f"[v2:127.0.0.1:{v2},v1:127.0.0.1:{v1}]"
+        run("monmaptool", "--create", "--fsid", fsid, "--addv", "a", addr, monmap)
+        run("ceph-mon", "--id", "a", "--mkfs", "--monmap", monmap, "--keyring", keyring)
+        run("ceph-mon", "--id", "a")
+        osd = run("ceph", "osd", "create").strip()
+        run("ceph", "auth", "get-or-create", f"osd.{osd}", "mon", "allow profile osd",
+            "osd", "allow *", "-o", str(root / f"osd.{osd}" / "keyring"))  # fmt: skip
+        run("ceph-osd", "--id", osd, "--mkfs", "--osd-uuid", str(uuid.uuid4()))
+        run("ceph-osd", "--id", osd)
+        for _ in range(240):
+            if f"osd.{osd} up" in run("ceph", "osd", "dump"):
+                break
+            time.sleep(0.25)
+        run("ceph", "osd", "pool", "create", "rbd", "8", "8", "replicated")
+        run("ceph", "osd", "pool", "set", "rbd", "size", "1", "--yes-i-really-mean-it")
+        run("rbd", "pool", "init", "rbd")
+        run("rbd", "create", "--size", str(IMAGE_MB), "rbd/bench")
+        # Write the span once, so reads hit objects that exist (as on a used disk).
+        run("rbd", "bench", "--io-type", "write", "--io-size", "4M", "--io-total",
+            f"{SPAN_MB}M", "--io-pattern", "seq", "rbd/bench")  # fmt: skip
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        print(f"RBD skipped: the cluster did not come up: {exc}")
+        _ceph_down(root)
+        shutil.rmtree(root, ignore_errors=True)
+        yield None
+        return
+    try:
+        yield Storage(
+            "rbd",
+            f"rbd:rbd/bench?conf={conf}",
+            f"driver=rbd,node-name=b,pool=rbd,image=bench,conf={conf},user=admin",
+            python,
+        )
+    finally:
+        _ceph_down(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def drive(
+    vu_bench: pathlib.Path,
+    cmd: list[str],
+    sock: pathlib.Path,
+    btype: str,
+    qd: int,
+    write: bool,
+    seconds: int,
+) -> dict[str, float]:
+    """Start one back-end daemon, drive it once with vu-bench, stop it."""
+    sock.unlink(missing_ok=True)
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    try:
+        wait_socket(sock, proc, timeout=60)
+        args = [str(vu_bench), "--socket", str(sock), "--type", btype, "--pid", str(proc.pid)]
+        args += ["--qd", str(qd), "--seconds", str(seconds), "--span-mb", str(SPAN_MB)]
+        if write:
+            args.append("--write")
+        out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60)
+        line = out.stdout.strip() or out.stderr.strip()
+        figures = dict(re.findall(r"(\w+)=([\d.]+)", line))
+        errors = int(figures.get("errors", "0"))
+        # A fresh SCSI target answers its first command with the power-on UNIT ATTENTION.
+        if out.returncode not in (0, 3) or "iops" not in figures or errors > 1:
+            print(f"  vu-bench failed (rc={out.returncode}): {line}")
+            return {}
+        return {"iops": float(figures["iops"]), "us": float(figures["backend_us_per_req"])}
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        print(f"  {cmd[0]}: {exc}")
+        return {}
+    finally:
+        stop(proc)
+
+
+def bench(vu_bench: pathlib.Path, storage: Storage, rounds: int, seconds: int) -> None:
+    work = pathlib.Path(tempfile.mkdtemp(prefix="bench-backends-"))
+    sock = work / "vu.sock"
+    ours = [
+        storage.python, "-m", "vhost_device_scsi", "--socket-path", str(sock),
+        "--log-level", "warning", "--control-socket", "none", storage.uri,
+    ]  # fmt: skip
+    qsd = [
+        "qemu-storage-daemon", "--blockdev", storage.blockdev, "--export",
+        f"type=vhost-user-blk,id=e,node-name=b,addr.type=unix,addr.path={sock},writable=on",
+    ]  # fmt: skip
+    daemons = [("ours", ours, "scsi")]
+    if shutil.which("qemu-storage-daemon") is not None:
+        daemons.insert(0, ("qsd", qsd, "blk"))
+    else:
+        print("qemu-storage-daemon not found: only our daemon is measured")
+    results: dict[tuple[str, int, bool], list[dict[str, float]]] = {}
+    try:
+        for rnd in range(rounds):
+            print(f"{storage.name}: round {rnd + 1}/{rounds}", flush=True)
+            for qd, write in CONFIGS:
+                for name, cmd, btype in daemons:
+                    r = drive(vu_bench, cmd, sock, btype, qd, write, seconds)
+                    if r:
+                        results.setdefault((name, qd, write), []).append(r)
+                        print(
+                            f"  {name:<5} {'write' if write else 'read':<5} qd={qd:<3}"
+                            f" {r['iops']:>9,.0f} IOPS {r['us']:7.2f} us/req",
+                            flush=True,
+                        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def med(name: str, qd: int, write: bool, key: str) -> float | None:
+        values = [r[key] for r in results.get((name, qd, write), [])]
+        return statistics.median(values) if values else None
+
+    def fmt(v: float | None, spec: str) -> str:
+        return format(v, spec) if v is not None else "-"
+
+    print(f"\n{storage.name}: 4 KiB random I/O, one queue, medians of {rounds} round(s)")
+    print(
+        f"{'workload':<14}{'qsd IOPS':>10}{'qsd us/req':>12}{'ours IOPS':>11}"
+        f"{'ours us/req':>13}{'IOPS ratio':>12}"
+    )
+    for qd, write in CONFIGS:
+        q, o = med("qsd", qd, write, "iops"), med("ours", qd, write, "iops")
+        ratio = o / q if o and q else None
+        print(
+            f"{('write' if write else 'read') + f' qd={qd}':<14}{fmt(q, ',.0f'):>10}"
+            f"{fmt(med('qsd', qd, write, 'us'), '.2f'):>12}{fmt(o, ',.0f'):>11}"
+            f"{fmt(med('ours', qd, write, 'us'), '.2f'):>13}{fmt(ratio, '.2f'):>12}"
+        )
+    print()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--seconds", type=int, default=3)
+    parser.add_argument("--only", choices=("nbd", "rbd"), help="one back-end only")
+    opts, _ = parser.parse_known_args()
+    vu_bench = build_vu_bench()
+    if vu_bench is None:
+        return 0
+    makers = {"nbd": nbd_storage, "rbd": rbd_storage}
+    for name, make in makers.items():
+        if opts.only and name != opts.only:
+            continue
+        with make() as storage:
+            if storage is not None:
+                bench(vu_bench, storage, opts.rounds, opts.seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
