@@ -45,7 +45,13 @@ from scsi_emulation.logical_unit import LogicalUnit, LunLister
 from scsi_emulation.mode_pages import ModePages
 from scsi_emulation.options import BlockDeviceOptions
 from scsi_emulation.persistent_reservation import PersistentReservations
-from scsi_emulation.sanitize import SANITIZE_IN_PROGRESS, SANITIZE_PERMITTED
+from scsi_emulation.sanitize import (
+    SANITIZE_PERMITTED,
+    SANITIZE_WORKER_COMMANDS,
+    SanitizeProgress,
+    in_progress_error,
+    request_sense_while_sanitizing,
+)
 from scsi_emulation.unit_attention import UnitAttentions
 
 __all__ = ["BlockDevice"]
@@ -279,7 +285,8 @@ class BlockDevice(LogicalUnit):
         self.prevent: set[Hashable] = set()
         self.medium_present = True
         self.pr = PersistentReservations()  # persistent reservations (SPC-4 5.12)
-        self.sanitizing = False  # an IMMED SANITIZE is running (SBC-4 4.11)
+        #: Set while a SANITIZE runs on its worker thread (SBC-4 4.11; see `sanitizing`).
+        self.sanitize_progress: SanitizeProgress | None = None
         self.lun = 0
         self.lister: LunLister = lambda: [self.lun]
         #: Whether READ/WRITE/SYNCHRONIZE CACHE go through ``submit_*`` (remote storage).
@@ -300,6 +307,11 @@ class BlockDevice(LogicalUnit):
         self._handlers: list[Handler] = self._build_handlers()
         register_device(self)  # EXTENDED COPY finds the target's other LUs through this
 
+    @property
+    def sanitizing(self) -> bool:
+        """Whether a SANITIZE is in progress (IMMED or not): the LU is NOT READY."""
+        return self.sanitize_progress is not None
+
     # -- configuration -------------------------------------------------------------------
 
     def _supported_commands(self) -> tuple[CommandInfo, ...]:
@@ -313,10 +325,19 @@ class BlockDevice(LogicalUnit):
         handlers: list[Handler] = [self._invalid_opcode] * 256
         by_opcode: dict[int, dict[int, Handler]] = {}
         for info in self.commands:
-            fn = functions.get((info.opcode, info.service_action))
-            if fn is None:
-                continue
-            handler: Handler = functools.partial(self._checked, fn, info.usage)
+            key = (info.opcode, info.service_action)
+            handler: Handler
+            worker = SANITIZE_WORKER_COMMANDS.get(key)
+            if worker is not None:  # they run on a thread of their own and complete later
+                handler = functools.partial(self._checked_submission, worker, info.usage)
+            else:
+                fn = functions.get(key)
+                if fn is None:
+                    continue
+                if key == (Opcode.REQUEST_SENSE, None):
+                    handler = functools.partial(self._request_sense, fn, info.usage)
+                else:
+                    handler = functools.partial(self._checked, fn, info.usage)
             if info.service_action is None:
                 handlers[info.opcode] = handler
             else:
@@ -375,6 +396,16 @@ class BlockDevice(LogicalUnit):
         self, fn: CommandFunction, usage: bytes, request: Request, complete: Completion
     ) -> Response:
         check_cdb(request.cdb, usage)
+        return fn(self, request)
+
+    def _request_sense(
+        self, fn: CommandFunction, usage: bytes, request: Request, complete: Completion
+    ) -> Response:
+        """REQUEST SENSE: during a sanitize (no unit attention pending) its progress."""
+        check_cdb(request.cdb, usage)
+        progress = self.sanitize_progress
+        if progress is not None and self.ua.peek(request.nexus) is None:
+            return request_sense_while_sanitizing(self, request, progress)
         return fn(self, request)
 
     def _checked_submission(
@@ -449,8 +480,9 @@ class BlockDevice(LogicalUnit):
         pr = self.pr
         if pr.reservation is not None and pr.conflicts(nexus, cdb):
             return _RESERVATION_CONFLICT
-        if self.sanitizing and op not in SANITIZE_PERMITTED:
-            raise SANITIZE_IN_PROGRESS
+        sanitize = self.sanitize_progress
+        if sanitize is not None and op not in SANITIZE_PERMITTED:
+            raise in_progress_error(sanitize)
         if not self.medium_present and op not in _NO_MEDIUM_OK:
             raise CommandError(SenseKey.NOT_READY, Asc.MEDIUM_NOT_PRESENT)
         if (
@@ -458,7 +490,7 @@ class BlockDevice(LogicalUnit):
             and (held is None or held == nexus)
             and self.medium_present
             and pr.has_access(nexus)
-            and not self.sanitizing
+            and sanitize is None
         ):
             self._fast.add(nexus)
         return None

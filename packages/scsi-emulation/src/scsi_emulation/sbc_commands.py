@@ -40,6 +40,9 @@ _UNMAP_HEADER = struct.Struct(">HH4x")
 _UNMAP_DESCRIPTOR = struct.Struct(">QI4x")
 
 _PATTERN_CHUNK = 1 << 20  # WRITE SAME writes its pattern in chunks of this many bytes
+_VERIFY_CHUNK = 1 << 20  # VERIFY reads the medium in chunks of this many bytes
+# The TRANSFER LENGTH / VERIFICATION LENGTH byte of each size of CDB (field pointers).
+_LENGTH_BYTE = {10: 7, 12: 6, 16: 10}
 _MAX_LBA_STATUS_DESCRIPTORS = 256
 
 
@@ -108,12 +111,24 @@ def read_capacity_16(dev: BlockDevice, request: Request) -> Response:
     return send_data(request, data, allocation)
 
 
+def _check_transfer_length(dev: BlockDevice, request: Request, c: BlockCdb) -> None:
+    """INVALID FIELD IN CDB when the length exceeds MAXIMUM TRANSFER LENGTH (SBC-4 6.6.4):
+    what keeps one command to a bounded amount of work on the caller's thread."""
+    if c.length > dev.options.max_transfer_blocks:
+        raise invalid_field_in_cdb(_LENGTH_BYTE.get(len(request.cdb), 7))
+
+
 def _verify(dev: BlockDevice, request: Request) -> Response:
-    """VERIFY(10/12/16) (SBC-4 5.35): BYTCHK 00b medium only, 01b compare, 11b one block."""
+    """VERIFY(10/12/16) (SBC-4 5.35): BYTCHK 00b medium only, 01b compare, 11b one block.
+
+    The medium is read a chunk at a time: a BYTCHK 11b compare sends one block for a range
+    as long as MAXIMUM TRANSFER LENGTH, which must not become one buffer that size.
+    """
     c = decode_block_cdb(request.cdb)
     _protect_check(c)
     if c.bytchk == 0b10:
         raise invalid_field_in_cdb(1, 2)
+    _check_transfer_length(dev, request, c)
     dev.check_range(c.lba, c.length)
     if c.bytchk == 0 or c.length == 0:
         return GOOD
@@ -121,16 +136,19 @@ def _verify(dev: BlockDevice, request: Request) -> Response:
     expected_len = block if c.bytchk == 0b11 else c.length * block
     dev.require_data_out(request, expected_len)
     expected = receive_parameters(request, expected_len)
-    medium = _read_blocks(dev, c.lba, c.length)
+    per_chunk = max(_VERIFY_CHUNK // block, 1)
     if c.bytchk == 0b11:
-        for i in range(c.length):
-            diff = _first_difference(expected, medium[i * block : (i + 1) * block])
-            if diff is not None:
-                raise _miscompare(i * block + diff)
-    else:
-        diff = _first_difference(expected, medium)
+        expected = expected * min(per_chunk, c.length)
+    done = 0
+    while done < c.length:
+        n = min(per_chunk, c.length - done)
+        medium = _read_blocks(dev, c.lba + done, n)
+        at = done * block
+        want = expected[: n * block] if c.bytchk == 0b11 else expected[at : at + n * block]
+        diff = _first_difference(want, medium)
         if diff is not None:
-            raise _miscompare(diff)
+            raise _miscompare(at + diff)
+        done += n
     return data_out_residual(request)
 
 
@@ -286,6 +304,7 @@ def orwrite_16(dev: BlockDevice, request: Request) -> Response:
     """ORWRITE(16) (SBC-4 5.8): the medium becomes medium OR data-out."""
     c = decode_block_cdb(request.cdb)
     _protect_check(c)
+    _check_transfer_length(dev, request, c)
     dev.check_writable()
     dev.check_range(c.lba, c.length)
     if c.length == 0:
