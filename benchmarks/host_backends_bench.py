@@ -267,6 +267,7 @@ def rbd_storage() -> Iterator[Storage | None]:
 def drive(
     vu_bench: pathlib.Path,
     cmd: list[str],
+    env: dict[str, str] | None,
     sock: pathlib.Path,
     btype: str,
     qd: int,
@@ -275,7 +276,7 @@ def drive(
 ) -> dict[str, float]:
     """Start one back-end daemon, drive it once with vu-bench, stop it."""
     sock.unlink(missing_ok=True)
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env)
     try:
         wait_socket(sock, proc, timeout=60)
         args = [str(vu_bench), "--socket", str(sock), "--type", btype, "--pid", str(proc.pid)]
@@ -298,7 +299,22 @@ def drive(
         stop(proc)
 
 
-def bench(vu_bench: pathlib.Path, storage: Storage, rounds: int, seconds: int) -> None:
+def baseline_env(baseline: pathlib.Path) -> dict[str, str]:
+    """The environment that makes our daemon import the packages copied under ``baseline``
+    (``baseline/<dist>/<import_name>``, e.g. a copy of every ``packages/<dist>/src``) instead
+    of the working tree: PYTHONPATH comes before the editable installs on sys.path."""
+    paths = sorted(str(d) for d in baseline.iterdir() if d.is_dir())
+    old = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths + ([old] if old else []))}
+
+
+def bench(
+    vu_bench: pathlib.Path,
+    storage: Storage,
+    rounds: int,
+    seconds: int,
+    baseline: pathlib.Path | None = None,
+) -> None:
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench-backends-"))
     sock = work / "vu.sock"
     ours = [
@@ -309,9 +325,13 @@ def bench(vu_bench: pathlib.Path, storage: Storage, rounds: int, seconds: int) -
         "qemu-storage-daemon", "--blockdev", storage.blockdev, "--export",
         f"type=vhost-user-blk,id=e,node-name=b,addr.type=unix,addr.path={sock},writable=on",
     ]  # fmt: skip
-    daemons = [("ours", ours, "scsi")]
+    daemons: list[tuple[str, list[str], dict[str, str] | None, str]] = [
+        ("ours", ours, None, "scsi")
+    ]
+    if baseline is not None:
+        daemons.insert(0, ("base", ours, baseline_env(baseline), "scsi"))
     if shutil.which("qemu-storage-daemon") is not None:
-        daemons.insert(0, ("qsd", qsd, "blk"))
+        daemons.insert(0, ("qsd", qsd, None, "blk"))
     else:
         print("qemu-storage-daemon not found: only our daemon is measured")
     results: dict[tuple[str, int, bool], list[dict[str, float]]] = {}
@@ -319,8 +339,8 @@ def bench(vu_bench: pathlib.Path, storage: Storage, rounds: int, seconds: int) -
         for rnd in range(rounds):
             print(f"{storage.name}: round {rnd + 1}/{rounds}", flush=True)
             for qd, write in CONFIGS:
-                for name, cmd, btype in daemons:
-                    r = drive(vu_bench, cmd, sock, btype, qd, write, seconds)
+                for name, cmd, env, btype in daemons:
+                    r = drive(vu_bench, cmd, env, sock, btype, qd, write, seconds)
                     if r:
                         results.setdefault((name, qd, write), []).append(r)
                         print(
@@ -339,18 +359,18 @@ def bench(vu_bench: pathlib.Path, storage: Storage, rounds: int, seconds: int) -
         return format(v, spec) if v is not None else "-"
 
     print(f"\n{storage.name}: 4 KiB random I/O, one queue, medians of {rounds} round(s)")
-    print(
-        f"{'workload':<14}{'qsd IOPS':>10}{'qsd us/req':>12}{'ours IOPS':>11}"
-        f"{'ours us/req':>13}{'IOPS ratio':>12}"
-    )
+    names = [name for name, *_ in daemons]
+    print(f"{'workload':<14}", end="")
+    for name in names:
+        print(f"{name + ' IOPS':>11}{name + ' us/req':>13}", end="")
+    print(f"{'ours/qsd':>10}")
     for qd, write in CONFIGS:
+        print(f"{('write' if write else 'read') + f' qd={qd}':<14}", end="")
+        for name in names:
+            iops, us = med(name, qd, write, "iops"), med(name, qd, write, "us")
+            print(f"{fmt(iops, ',.0f'):>11}{fmt(us, '.2f'):>13}", end="")
         q, o = med("qsd", qd, write, "iops"), med("ours", qd, write, "iops")
-        ratio = o / q if o and q else None
-        print(
-            f"{('write' if write else 'read') + f' qd={qd}':<14}{fmt(q, ',.0f'):>10}"
-            f"{fmt(med('qsd', qd, write, 'us'), '.2f'):>12}{fmt(o, ',.0f'):>11}"
-            f"{fmt(med('ours', qd, write, 'us'), '.2f'):>13}{fmt(ratio, '.2f'):>12}"
-        )
+        print(f"{fmt(o / q if o and q else None, '.2f'):>10}")
     print()
 
 
@@ -359,6 +379,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--only", choices=("nbd", "rbd"), help="one back-end only")
+    parser.add_argument(
+        "--baseline",
+        type=pathlib.Path,
+        metavar="DIR",
+        help="also run our daemon from a copy of the packages' sources (DIR/<dist>/<module>, "
+        "e.g. copies of packages/*/src), interleaved, as column 'base'",
+    )
     opts, _ = parser.parse_known_args()
     vu_bench = build_vu_bench()
     if vu_bench is None:
@@ -369,7 +396,7 @@ def main() -> int:
             continue
         with make() as storage:
             if storage is not None:
-                bench(vu_bench, storage, opts.rounds, opts.seconds)
+                bench(vu_bench, storage, opts.rounds, opts.seconds, opts.baseline)
     return 0
 
 

@@ -306,3 +306,32 @@ def test_take_pending_resets_for_resending() -> None:
     assert client.payload_buffers() is None and a.received == 2
     assert client.take_pending() == [a, b]
     assert a.received == 0 and not client.pending and a.attempts == 1
+
+
+@given(
+    sizes=st.lists(st.integers(1, 600), min_size=1, max_size=12),
+    cuts=st.lists(st.integers(1, 300), max_size=20),
+)
+def test_a_burst_of_replies_decodes_whole_or_cut(sizes: list[int], cuts: list[int]) -> None:
+    """Many replies in one stream (what one receive holds at queue depth 32): decoded where
+    they lie when whole, collected when cut, with the same outcome either way."""
+    client = TransmissionClient(structured=True)
+    reads: list[tuple[Command, bytes, bytearray]] = []
+    stream = b""
+    for i, n in enumerate(sizes):
+        if i % 3 == 2:  # a write among the reads: a bare NONE chunk
+            w = Command(p.CMD_WRITE, 0, n)
+            client.request(w)
+            stream += chunk(w.cookie, p.REPLY_TYPE_NONE, b"", done=True)
+            continue
+        out = bytearray(n)
+        cmd = Command(p.CMD_READ, 4096 * i, n, buffers=[memoryview(out)])
+        client.request(cmd)
+        data = bytes((i + k) & 0xFF for k in range(n))
+        stream += chunk(cmd.cookie, p.REPLY_TYPE_OFFSET_DATA, p.U64.pack(4096 * i) + data, True)
+        reads.append((cmd, data, out))
+    done = feed(client, stream, cuts)
+    assert len(done) == len(sizes) and not client.pending
+    assert all(c.error == 0 for c in done)
+    for cmd, data, out in reads:
+        assert bytes(out) == data, cmd

@@ -52,3 +52,50 @@ def test_posts_after_close_are_dropped_and_leave_other_fds_alone() -> None:
         os.close(r)
         os.close(w)
     channel.close()  # idempotent
+
+
+def _counter(channel: CompletionChannel[int, str]) -> int:
+    """The eventfd's counter, read (and so reset) without blocking; 0 when unset."""
+    try:
+        return os.eventfd_read(channel._fd)
+    except BlockingIOError:
+        return 0
+
+
+def test_only_the_post_into_an_empty_queue_writes_the_eventfd() -> None:
+    channel: CompletionChannel[int, str] = CompletionChannel()
+    try:
+        for i in range(5):
+            channel.post(i, "done")
+        assert _counter(channel) == 1  # one wake-up for the burst
+        assert [item for item, _ in channel.drain()] == [0, 1, 2, 3, 4]
+        channel.post(5, "done")  # the queue was drained: this one must wake the owner again
+        assert _counter(channel) == 1
+    finally:
+        channel.close()
+
+
+async def test_a_post_racing_with_the_drain_is_never_stranded() -> None:
+    """Posters run while the owner drains: every item is seen, whatever the interleaving."""
+    channel: CompletionChannel[int, str] = CompletionChannel()
+    total = 20000
+    try:
+
+        def poster(base: int) -> None:
+            for i in range(total // 2):
+                channel.post(base + i, "done")
+
+        threads = [threading.Thread(target=poster, args=(k * total,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        seen = 0
+        with trio.fail_after(20):
+            while seen < total:
+                await channel.wait()
+                for _ in channel.drain():
+                    seen += 1
+        for t in threads:
+            t.join()
+        assert seen == total and len(channel) == 0
+    finally:
+        channel.close()

@@ -3,7 +3,11 @@
 A target may finish a command on a worker thread (scsi_core.target, "Pending"). The virtqueue
 is not thread-safe, so the worker only appends (item, response) to a deque and bumps an eventfd;
 the device's trio task wakes on the eventfd and finishes the requests, in batches, on its own
-thread. Completions keep arriving after the channel closed (a front-end that disconnects with
+thread. Only the post that finds the deque empty writes the eventfd: the owner drains until
+the deque is empty after every wake-up, so later posts ride on that wake-up (a remote back-end
+completing 32 requests in a burst costs one eventfd write and one wake-up, not 32; each write
+also releases the GIL, handing it to the woken owner while the poster still has work to do).
+Completions keep arriving after the channel closed (a front-end that disconnects with
 commands in flight at remote storage): they are dropped, and a lock keeps them from writing to
 an eventfd number that `close` released and the process may have reused. Knows nothing about
 SCSI, virtio or what the items are.
@@ -48,11 +52,17 @@ class CompletionChannel(Generic[T, R]):
                 # The connection went away: nobody is left to hear about it.
                 logger.debug("completion posted after the channel closed; dropped")
                 return
-            self._items.append((item, result))
-            os.eventfd_write(self._fd, 1)
+            items = self._items
+            items.append((item, result))
+            # More than one item: an earlier post found the deque empty and woke the owner,
+            # who has not drained that item yet, so it drains this one too (posts are
+            # serialized by the lock; the owner only removes).
+            if len(items) == 1:
+                os.eventfd_write(self._fd, 1)
 
     def drain(self) -> Iterator[tuple[T, R]]:
-        """Yield every queued completion, including ones posted while draining."""
+        """Yield every queued completion, including ones posted while draining. Run it to
+        the end after every `wait`: posts made while items are queued do not wake the owner."""
         items = self._items
         while items:
             yield items.popleft()

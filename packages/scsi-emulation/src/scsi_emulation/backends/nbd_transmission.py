@@ -25,6 +25,12 @@ MAX_CHUNK = 1 << 20
 
 _ZEROS = memoryview(bytes(1 << 16))
 
+_SIMPLE_SIZE = p.SIMPLE_REPLY.size
+_STRUCTURED_SIZE = p.STRUCTURED_REPLY.size
+_U32_FROM = p.U32.unpack_from
+_SIMPLE_FROM = p.SIMPLE_REPLY.unpack_from
+_STRUCTURED_FROM = p.STRUCTURED_REPLY.unpack_from
+
 # Decoder states
 _HEADER = 0  # collecting a reply header (simple: 16 bytes, structured chunk: 20)
 _SMALL = 1  # collecting a small chunk payload (hole, extents, error, data offset)
@@ -176,6 +182,21 @@ class TransmissionClient:
                 if not self._dest_left:
                     self._data_done(done)
             elif state == _HEADER:
+                # Fast path: a whole header in ``data`` is decoded where it lies (at queue
+                # depth 32 one receive holds many replies); a split one is collected first.
+                if not self._have and end - pos >= _SIMPLE_SIZE:
+                    magic = _U32_FROM(data, pos)[0]
+                    if magic == p.STRUCTURED_REPLY_MAGIC:
+                        if self.structured and end - pos >= _STRUCTURED_SIZE:
+                            _, flags, kind, cookie, length = _STRUCTURED_FROM(data, pos)
+                            pos += _STRUCTURED_SIZE
+                            self._chunk_header(flags, kind, cookie, length, done)
+                            continue
+                    elif magic == p.SIMPLE_REPLY_MAGIC:
+                        _, error, cookie = _SIMPLE_FROM(data, pos)
+                        pos += _SIMPLE_SIZE
+                        self._simple_reply(error, cookie, done)
+                        continue
                 n = min(self._need - self._have, end - pos)
                 self._head[self._have : self._have + n] = data[pos : pos + n]
                 self._have += n
@@ -183,11 +204,17 @@ class TransmissionClient:
                 if self._have == self._need:
                     self._header_step(done)
             else:  # _SMALL
-                n = min(self._need - len(self._small), end - pos)
-                self._small += data[pos : pos + n]
+                need = self._need
+                small = self._small
+                if not small and end - pos >= need:  # all of it here: no copy
+                    pos += need
+                    self._small_done(data[pos - need : pos], done)
+                    continue
+                n = min(need - len(small), end - pos)
+                small += data[pos : pos + n]
                 pos += n
-                if len(self._small) == self._need:
-                    self._small_done(done)
+                if len(small) == need:
+                    self._small_done(small, done)
         return done
 
     def _consume_dest(self, n: int) -> None:
@@ -214,10 +241,13 @@ class TransmissionClient:
             return
         self._have = 0
         self._need = 4
-        if p.U32.unpack_from(self._head)[0] == p.SIMPLE_REPLY_MAGIC:
-            self._simple_reply(done)
+        head = self._head
+        if p.U32.unpack_from(head)[0] == p.SIMPLE_REPLY_MAGIC:
+            _, error, cookie = p.SIMPLE_REPLY.unpack_from(head)
+            self._simple_reply(error, cookie, done)
         else:
-            self._chunk_header(done)
+            _, flags, kind, cookie, length = p.STRUCTURED_REPLY.unpack_from(head)
+            self._chunk_header(flags, kind, cookie, length, done)
 
     def _lookup(self, cookie: int) -> Command:
         cmd = self.pending.get(cookie)
@@ -229,8 +259,7 @@ class TransmissionClient:
         del self.pending[cmd.cookie]
         done.append(cmd)
 
-    def _simple_reply(self, done: list[Command]) -> None:
-        _, error, cookie = p.SIMPLE_REPLY.unpack_from(self._head)
+    def _simple_reply(self, error: int, cookie: int, done: list[Command]) -> None:
         cmd = self._lookup(cookie)
         if error:
             cmd.error = p.errno_from_nbd(error)
@@ -243,8 +272,9 @@ class TransmissionClient:
         else:
             self._finish(cmd, done)
 
-    def _chunk_header(self, done: list[Command]) -> None:
-        _, flags, kind, cookie, length = p.STRUCTURED_REPLY.unpack_from(self._head)
+    def _chunk_header(
+        self, flags: int, kind: int, cookie: int, length: int, done: list[Command]
+    ) -> None:
         cmd = self._lookup(cookie)
         self._cmd = cmd
         self._chunk_flags = flags
@@ -289,10 +319,10 @@ class TransmissionClient:
         cmd.received += length
         self._state = _DATA
 
-    def _small_done(self, done: list[Command]) -> None:
+    def _small_done(self, data: bytearray | memoryview, done: list[Command]) -> None:
+        """A small chunk payload is complete in ``data`` (which is not kept)."""
         cmd = self._cmd
         assert cmd is not None
-        data = self._small
         kind = self._chunk_type
         self._state = _HEADER
         self._need = 4

@@ -10,7 +10,11 @@ The ``rados`` / ``rbd`` modules are imported only when an image is opened: they 
 Debian's ``python3-rados`` / ``python3-rbd`` and import only under Debian's own
 ``/usr/bin/python3`` (a venv made from it with ``--system-site-packages`` works); without them
 opening an ``rbd:`` location is a clear error and nothing else changes. The binding copies
-data between Python bytes and librbd (one copy per request each way). Knows nothing about SCSI.
+data between Python bytes and librbd, one copy per request each way, which no caller can
+avoid: ``aio_write`` converts its data to a ``char *`` (bytes or bytearray only, no
+memoryview) and ``aio_read`` hands over a bytes object of its own. Completion callbacks run on
+librbd's threads and take the GIL there, so they do as little as possible. Knows nothing
+about SCSI.
 """
 
 from __future__ import annotations
@@ -52,6 +56,20 @@ def load_bindings() -> tuple[ModuleType, ModuleType]:
 def _errno_of(exc: BaseException) -> int:
     code = getattr(exc, "errno", None)
     return abs(code) if isinstance(code, int) and code else errno.EIO
+
+
+def _scatter(data: bytes, buffers: Buffers) -> None:
+    """Copy ``data`` over ``buffers`` in order; what it does not cover (a read past the end
+    of the image returns less) becomes zeros."""
+    src = memoryview(data)
+    pos = 0
+    for view in buffers:
+        n = len(view)
+        chunk = src[pos : pos + n]
+        view[: len(chunk)] = chunk
+        if len(chunk) < n:
+            view[len(chunk) :] = bytes(n - len(chunk))
+        pos += n
 
 
 class RbdBackend(StorageBackend):
@@ -155,19 +173,14 @@ class RbdBackend(StorageBackend):
             return
 
         def completed(completion: Any, data: bytes | None) -> None:
-            rc = completion.get_return_value()
-            if rc < 0 or data is None:
-                done(self._failed("read", offset, rc))
+            # On a librbd thread, holding the GIL the daemon's thread also wants: short.
+            if data is None or completion.get_return_value() < 0:
+                done(self._failed("read", offset, completion.get_return_value()))
                 return
-            src = memoryview(data)
-            pos = 0
-            for view in buffers:
-                n = len(view)
-                chunk = src[pos : pos + n]
-                view[: len(chunk)] = chunk
-                if len(chunk) < n:  # past the end of the image: zeros
-                    view[len(chunk) :] = bytes(n - len(chunk))
-                pos += n
+            if len(buffers) == 1 and len(data) == length:
+                buffers[0][:] = data  # the usual case: one buffer, all of it read
+            else:
+                _scatter(data, buffers)
             done(None)
 
         try:
@@ -219,15 +232,7 @@ class RbdBackend(StorageBackend):
             data = self._image.read(offset, length)
         except self._rbd.Error as e:
             raise BackendError(_errno_of(e), f"{self._location}: read at {offset}: {e}") from None
-        src = memoryview(data)
-        pos = 0
-        for view in buffers:
-            n = len(view)
-            chunk = src[pos : pos + n]
-            view[: len(chunk)] = chunk
-            if len(chunk) < n:
-                view[len(chunk) :] = bytes(n - len(chunk))
-            pos += n
+        _scatter(data, buffers)
 
     def read_nowait(self, offset: int, buffers: Buffers, length: int) -> int:
         return 0  # every read is a round trip to an OSD: let a worker wait
