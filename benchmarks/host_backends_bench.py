@@ -21,14 +21,12 @@ import os
 import pathlib
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
@@ -36,18 +34,22 @@ from types import ModuleType
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _sibling(name: str) -> ModuleType:
-    """A module next to this script (``benchmarks/`` is not a package)."""
-    spec = importlib.util.spec_from_file_location(
-        name, pathlib.Path(__file__).with_name(name + ".py")
-    )
+def _load(path: pathlib.Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+def _sibling(name: str) -> ModuleType:
+    """A module next to this script (``benchmarks/`` is not a package)."""
+    return _load(pathlib.Path(__file__).with_name(name + ".py"))
+
+
 _host_vu_bench = _sibling("host_vu_bench")
+#: The single-node Ceph recipe the backends tests use (one copy of it).
+_ceph = _load(ROOT / "tests" / "backends" / "ceph.py")
 build_vu_bench: Callable[[], pathlib.Path | None] = _host_vu_bench.build_vu_bench
 stop: Callable[[subprocess.Popen[bytes]], None] = _host_vu_bench.stop
 wait_socket: Callable[..., None] = _host_vu_bench.wait_socket
@@ -126,72 +128,11 @@ def _python_with_rbd() -> str | None:
     return None
 
 
-_CEPH_CONF = """\
-[global]
-fsid = {fsid}
-mon host = [v2:127.0.0.1:{v2},v1:127.0.0.1:{v1}]
-public network = 127.0.0.1/32
-public addr = 127.0.0.1
-cluster addr = 127.0.0.1
-ms bind ipv6 = false
-keyring = {dir}/keyring
-run dir = {dir}/run
-admin socket = {dir}/run/$name.asok
-pid file = {dir}/run/$name.pid
-log file = {dir}/log/$name.log
-log to stderr = false
-err to stderr = true
-osd pool default size = 1
-osd pool default min size = 1
-osd pool default pg num = 8
-osd pool default pgp num = 8
-osd crush chooseleaf type = 0
-mon allow pool size one = true
-mon warn on pool no redundancy = false
-mon data avail warn = 1
-mon data avail crit = 0
-auth allow insecure global id reclaim = false
-osd pool default pg autoscale mode = off
-osd objectstore = memstore
-[client]
-admin socket = {dir}/run/$name.$pid.asok
-rbd cache = false
-[mon]
-mon data = {dir}/mon.$id
-[osd]
-osd data = {dir}/osd.$id
-keyring = {dir}/$name/keyring
-memstore device bytes = 2147483648
-"""
-
-
-def _ceph_down(root: pathlib.Path) -> None:
-    pids = []
-    for pidfile in (root / "run").glob("*.pid"):
-        with contextlib.suppress(ValueError, OSError):
-            pid = int(pidfile.read_text().strip())
-            os.kill(pid, signal.SIGTERM)
-            pids.append(pid)
-    for pid in pids:
-        for _ in range(100):
-            try:
-                os.kill(pid, 0)
-            except OSError:
-                break
-            time.sleep(0.1)
-        else:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-
-
 @contextlib.contextmanager
 def rbd_storage() -> Iterator[Storage | None]:
     """A single-node memstore cluster (one mon, one OSD; the recipe of
     ../shared/backends.md) with one image, torn down afterwards."""
-    missing = [
-        t for t in ("ceph-mon", "ceph-osd", "ceph", "ceph-authtool", "monmaptool", "rbd")
-        if shutil.which(t) is None
-    ]  # fmt: skip
+    missing = [t for t in _ceph.CEPH_TOOLS if shutil.which(t) is None]
     python = _python_with_rbd()
     if missing:
         print(f"RBD skipped: {', '.join(missing)} not installed (scripts/install-deps)")
@@ -205,50 +146,21 @@ def rbd_storage() -> Iterator[Storage | None]:
         yield None
         return
     root = pathlib.Path(tempfile.mkdtemp(prefix="bench-ceph-"))
-    for sub in ("mon.a", "osd.0", "run", "log"):
-        (root / sub).mkdir()
-    conf = root / "ceph.conf"
-    fsid = str(uuid.uuid4())
-    conf.write_text(_CEPH_CONF.format(fsid=fsid, v2=free_port(), v1=free_port(), dir=root))
-    env = {**os.environ, "CEPH_CONF": str(conf)}
-
-    def run(*argv: str) -> str:
-        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
-        if out.returncode:
-            raise RuntimeError(f"{' '.join(argv)}: {out.stderr.strip()[-300:]}")
-        return out.stdout
-
     try:
-        keyring = str(root / "keyring")
-        run("ceph-authtool", "--create-keyring", keyring, "--gen-key", "-n", "mon.",
-            "--cap", "mon", "allow *")  # fmt: skip
-        run("ceph-authtool", keyring, "--gen-key", "-n", "client.admin", "--cap", "mon",
-            "allow *", "--cap", "osd", "allow *", "--cap", "mgr", "allow *")  # fmt: skip
-        monmap = str(root / "monmap")
-        v2, v1 = re.findall(r"127\.0\.0\.1:(\d+)", conf.read_text())[:2]
-        addr = f"[v2:127.0.0.1:{v2},v1:127.0.0.1:{v1}]"
-        run("monmaptool", "--create", "--fsid", fsid, "--addv", "a", addr, monmap)
-        run("ceph-mon", "--id", "a", "--mkfs", "--monmap", monmap, "--keyring", keyring)
-        run("ceph-mon", "--id", "a")
-        osd = run("ceph", "osd", "create").strip()
-        run("ceph", "auth", "get-or-create", f"osd.{osd}", "mon", "allow profile osd",
-            "osd", "allow *", "-o", str(root / f"osd.{osd}" / "keyring"))  # fmt: skip
-        run("ceph-osd", "--id", osd, "--mkfs", "--osd-uuid", str(uuid.uuid4()))
-        run("ceph-osd", "--id", osd)
-        for _ in range(240):
-            if f"osd.{osd} up" in run("ceph", "osd", "dump"):
-                break
-            time.sleep(0.25)
-        run("ceph", "osd", "pool", "create", "rbd", "8", "8", "replicated")
-        run("ceph", "osd", "pool", "set", "rbd", "size", "1", "--yes-i-really-mean-it")
-        run("rbd", "pool", "init", "rbd")
-        run("rbd", "create", "--size", str(IMAGE_MB), "rbd/bench")
-        # Write the span once, so reads hit objects that exist (as on a used disk).
-        run("rbd", "bench", "--io-type", "write", "--io-size", "4M", "--io-total",
-            f"{SPAN_MB}M", "--io-pattern", "seq", "rbd/bench")  # fmt: skip
-    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        conf = _ceph.start_ceph(root, memstore_bytes=2 << 30)
+        env = {**os.environ, "CEPH_CONF": str(conf)}
+        for argv in (
+            ["rbd", "create", "--size", str(IMAGE_MB), "rbd/bench"],
+            # Write the span once, so reads hit objects that exist (as on a used disk).
+            ["rbd", "bench", "--io-type", "write", "--io-size", "4M", "--io-total",
+             f"{SPAN_MB}M", "--io-pattern", "seq", "rbd/bench"],
+        ):  # fmt: skip
+            out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+            if out.returncode:
+                raise _ceph.CephStartError(f"{' '.join(argv)}: {out.stderr.strip()[-300:]}")
+    except (_ceph.CephStartError, subprocess.TimeoutExpired) as exc:
         print(f"RBD skipped: the cluster did not come up: {exc}")
-        _ceph_down(root)
+        _ceph.ceph_down(root)
         shutil.rmtree(root, ignore_errors=True)
         yield None
         return
@@ -260,7 +172,7 @@ def rbd_storage() -> Iterator[Storage | None]:
             python,
         )
     finally:
-        _ceph_down(root)
+        _ceph.ceph_down(root)
         shutil.rmtree(root, ignore_errors=True)
 
 

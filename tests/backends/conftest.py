@@ -10,15 +10,10 @@ Registers the ``backends`` marker.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import os
 import pathlib
-import signal
 import subprocess
 import sys
-import time
-import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -27,6 +22,7 @@ _REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[2])
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
+from tests.backends.ceph import CEPH_TOOLS, CephStartError, ceph_down, start_ceph  # noqa: E402
 from tests.backends.servers import (  # noqa: E402
     CephCluster,
     LoopDevice,
@@ -138,78 +134,10 @@ def make_loop(tmp_path: pathlib.Path) -> Iterator[object]:
 # -- Ceph -------------------------------------------------------------------------------------
 
 
-_CEPH_CONF = """\
-[global]
-fsid = {fsid}
-mon host = [v2:127.0.0.1:{v2},v1:127.0.0.1:{v1}]
-public network = 127.0.0.1/32
-public addr = 127.0.0.1
-cluster addr = 127.0.0.1
-ms bind ipv6 = false
-auth cluster required = cephx
-auth service required = cephx
-auth client required = cephx
-keyring = {dir}/keyring
-run dir = {dir}/run
-admin socket = {dir}/run/$name.asok
-pid file = {dir}/run/$name.pid
-log file = {dir}/log/$name.log
-log to stderr = false
-err to stderr = true
-crash dir = {dir}/crash
-osd pool default size = 1
-osd pool default min size = 1
-osd pool default pg num = 8
-osd pool default pgp num = 8
-osd crush chooseleaf type = 0
-mon allow pool size one = true
-mon allow pool delete = true
-mon warn on pool no redundancy = false
-mon data avail warn = 1
-mon data avail crit = 0
-auth allow insecure global id reclaim = false
-osd pool default pg autoscale mode = off
-osd objectstore = memstore
-[client]
-admin socket = {dir}/run/$name.$pid.asok
-rbd cache = false
-[mon]
-mon data = {dir}/mon.$id
-mon cluster log file = {dir}/log/cluster.log
-[osd]
-osd data = {dir}/osd.$id
-keyring = {dir}/$name/keyring
-osd journal size = 100
-memstore device bytes = 1073741824
-osd memory target = 939524096
-osd max object name len = 256
-osd max object namespace len = 64
-"""
-
-
-def _ceph_down(root: pathlib.Path) -> None:
-    pids = []
-    for pidfile in sorted((root / "run").glob("*.pid")):
-        with contextlib.suppress(ValueError, OSError):
-            pid = int(pidfile.read_text().strip())
-            os.kill(pid, signal.SIGTERM)
-            pids.append(pid)
-    for pid in pids:
-        for _ in range(100):
-            try:
-                os.kill(pid, 0)
-            except OSError:
-                break
-            time.sleep(0.1)
-        else:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-
-
 @pytest.fixture(scope="session")
 def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
     """One mon + one memstore OSD on 127.0.0.1 with pool ``rbd`` (about 10 s to start)."""
-    for tool in ("ceph-mon", "ceph-osd", "ceph", "ceph-authtool", "monmaptool", "rbd"):
+    for tool in CEPH_TOOLS:
         require(tool)
     try:
         importlib.import_module("rados")
@@ -220,62 +148,11 @@ def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephClust
             "/usr/bin/python3 with --system-site-packages (nox -s backends does)"
         )
     root = tmp_path_factory.mktemp("ceph")
-    for sub in ("mon.a", "osd.0", "run", "log", "crash"):
-        (root / sub).mkdir()
-    conf = root / "ceph.conf"
-    fsid = str(uuid.uuid4())
-    v2, v1 = free_port(), free_port()
-    conf.write_text(_CEPH_CONF.format(fsid=fsid, v2=v2, v1=v1, dir=root))
-    env = {**os.environ, "CEPH_CONF": str(conf)}
-
-    def run(*argv: str) -> str:
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
-        if proc.returncode:
-            _ceph_down(root)
-            pytest.fail(f"{' '.join(argv)} failed: {proc.stderr.strip()[-500:]}")
-        return proc.stdout
-
-    keyring = str(root / "keyring")
-    run(
-        "ceph-authtool",
-        "--create-keyring",
-        keyring,
-        "--gen-key",
-        "-n",
-        "mon.",
-        "--cap",
-        "mon",
-        "allow *",
-    )
-    run(
-        "ceph-authtool", keyring, "--gen-key", "-n", "client.admin", "--cap", "mon", "allow *",
-        "--cap", "osd", "allow *", "--cap", "mgr", "allow *", "--cap", "mds", "allow *",
-    )  # fmt: skip
-    monmap = str(root / "monmap")
-    addr = f"[v2:127.0.0.1:{v2},v1:127.0.0.1:{v1}]"
-    run("monmaptool", "--create", "--fsid", fsid, "--addv", "a", addr, monmap)
-    run("ceph-mon", "--id", "a", "--mkfs", "--monmap", monmap, "--keyring", keyring)
     try:
-        run("ceph-mon", "--id", "a")
-        run("ceph", "-s", "--connect-timeout", "30")
-        osd = run("ceph", "osd", "create").strip()
-        run(
-            "ceph", "auth", "get-or-create", f"osd.{osd}", "mon", "allow profile osd", "mgr",
-            "allow profile osd", "osd", "allow *", "-o", str(root / f"osd.{osd}" / "keyring"),
-        )  # fmt: skip
-        run("ceph-osd", "--id", osd, "--mkfs", "--osd-uuid", str(uuid.uuid4()))
-        run("ceph-osd", "--id", osd)
-        for _ in range(240):
-            if f"osd.{osd} up" in run("ceph", "osd", "dump"):
-                break
-            time.sleep(0.25)
-        run("ceph", "osd", "pool", "create", "rbd", "8", "8", "replicated")
-        run("ceph", "osd", "pool", "set", "rbd", "size", "1", "--yes-i-really-mean-it")
-        run("rbd", "pool", "init", "rbd")
-        probe = root / "probe"
-        probe.write_text("probe")
-        run("rados", "-p", "rbd", "put", "probe", str(probe))
-        run("rados", "-p", "rbd", "rm", "probe")
+        conf = start_ceph(root)
+    except CephStartError as exc:
+        pytest.fail(str(exc))
+    try:
         yield CephCluster(conf, root)
     finally:
-        _ceph_down(root)
+        ceph_down(root)
