@@ -18,6 +18,10 @@ happens when the back-end completes before ``submit_*`` returns). Which path a d
 chosen once, when it is built: the local path pays nothing for it. The device counts what is
 in flight: COMPARE AND WRITE and ORWRITE (read-modify-write, atomic: SBC-4 5.3, 5.8) and the
 task management functions that abort or reset wait until it has all completed.
+
+Long work (a large WRITE SAME with a non-zero pattern, UNMAP written as zeros, a large
+EXTENDED COPY, SANITIZE) runs on a thread of its own through `run_in_background`, after every
+check that can refuse the command: it counts as in flight too, so the same waits cover it.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 
 from scsi_core.cdb import decode_block_cdb
 from scsi_core.opcodes import Opcode
@@ -157,6 +161,34 @@ def backend_error(e: BackendError, writing: bool) -> CommandError:
     if writing:
         return CommandError(SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR)
     return CommandError(SenseKey.MEDIUM_ERROR, Asc.UNRECOVERED_READ_ERROR)
+
+
+class _BackgroundJob:
+    """The completion side of a command whose work runs on a thread of its own.
+
+    The same one-shot claim as `_Submission`: the work may end before the handler has
+    returned None (then the handler returns the response inline), and ``complete`` is called
+    only when it returned None first, so exactly one of the two delivers the response.
+    """
+
+    __slots__ = ("_claim", "complete", "response")
+
+    def __init__(self, complete: Completion) -> None:
+        self.complete = complete
+        self.response: Response = GOOD
+        self._claim = threading.Lock()
+
+    def started(self) -> Response | None:
+        """Called once the thread was started: the response when the work already ended."""
+        if self._claim.acquire(False):
+            return None
+        return self.response
+
+    def finish(self, response: Response) -> None:
+        """Called once by the worker with the command's response."""
+        self.response = response
+        if not self._claim.acquire(False):  # `started` already returned None
+            self.complete(response)
 
 
 class _Submission:
@@ -318,17 +350,19 @@ class BlockDevice(LogicalUnit):
         return supported_commands(self.options)
 
     def _build_handlers(self) -> list[Handler]:
-        from scsi_emulation.sbc_commands import SBC_COMMANDS
+        from scsi_emulation.extended_copy import COPY_WORKER_COMMANDS
+        from scsi_emulation.sbc_commands import SBC_COMMANDS, SBC_WORKER_COMMANDS
         from scsi_emulation.spc_commands import SPC_COMMANDS
 
         functions: dict[tuple[int, int | None], CommandFunction] = {**SPC_COMMANDS, **SBC_COMMANDS}
+        workers = {**SANITIZE_WORKER_COMMANDS, **SBC_WORKER_COMMANDS, **COPY_WORKER_COMMANDS}
         handlers: list[Handler] = [self._invalid_opcode] * 256
         by_opcode: dict[int, dict[int, Handler]] = {}
         for info in self.commands:
             key = (info.opcode, info.service_action)
             handler: Handler
-            worker = SANITIZE_WORKER_COMMANDS.get(key)
-            if worker is not None:  # they run on a thread of their own and complete later
+            worker = workers.get(key)
+            if worker is not None:  # they may run on a thread of their own and complete later
                 handler = functools.partial(self._checked_submission, worker, info.usage)
             else:
                 fn = functions.get(key)
@@ -380,14 +414,17 @@ class BlockDevice(LogicalUnit):
                     handlers[info.opcode] = functools.partial(
                         self._checked_submission, method, info.usage
                     )
-            for opcode in _WAIT_FOR_IN_FLIGHT:
-                handlers[opcode] = functools.partial(self._after_in_flight, handlers[opcode])
+        # Every device: long work (`run_in_background`) is in flight on local files too.
+        for opcode in _WAIT_FOR_IN_FLIGHT:
+            handlers[opcode] = functools.partial(self._after_in_flight, handlers[opcode])
         return handlers
 
     def _after_in_flight(
         self, handler: Handler, request: Request, complete: Completion
     ) -> Response | None:
-        if not self.wait_idle(IN_FLIGHT_TIMEOUT):
+        """Run a read-modify-write command once nothing else writes to the LU (it is atomic:
+        SBC-4 5.3, 5.8); bounded, so a stuck back-end ends it in an error, not a hang."""
+        if self._in_flight and not self.wait_idle(IN_FLIGHT_TIMEOUT):
             logger.error("LUN %d: submitted requests did not complete in time", self.lun)
             raise _INTERNAL_FAILURE
         return handler(request, complete)
@@ -655,6 +692,64 @@ class BlockDevice(LogicalUnit):
         """Block until every submitted request has completed; False on timeout."""
         with self._idle:
             return self._idle.wait_for(lambda: not self._in_flight, timeout)
+
+    def run_in_background(
+        self,
+        request: Request,
+        complete: Completion,
+        work: Callable[[], None],
+        good: Response,
+        *,
+        name: str,
+        also_busy: Iterable[BlockDevice] = (),
+    ) -> Response | None:
+        """Run ``work``, a command's long I/O, on a thread of its own so that the caller's
+        thread (an event loop serving every other command) does not wait for it.
+
+        Call it after every check that can refuse the command. ``work`` raises `CommandError`
+        for the sense the command ends with and must not touch the request's buffers: the
+        residual is the one of ``good``, the response when it returns. Returns None (then
+        ``complete`` is called once, from the worker) or, when the work ended first, the
+        response. Until it ends, this LU and the ``also_busy`` ones count it in flight, so
+        COMPARE AND WRITE, ORWRITE, SANITIZE and the aborting TMFs wait for it.
+        """
+        residual, d_sense = good.residual, self.mode.d_sense
+        devices = [self]
+        for other in also_busy:
+            if all(other is not d for d in devices):
+                devices.append(other)
+        job = _BackgroundJob(complete)
+
+        def worker() -> None:
+            try:
+                work()
+                response = good
+            except CommandError as e:
+                response = e.response(d_sense, residual)
+                e.__traceback__ = None  # shared instances must not pin this request
+            except Exception:
+                logger.exception("LUN %d: %s failed", self.lun, name)
+                response = _INTERNAL_FAILURE.response(d_sense, residual)
+            finally:
+                # Idle again before the initiator hears the answer, so its next COMPARE AND
+                # WRITE does not wait for this thread's last steps.
+                for device in devices:
+                    device.request_finished()
+            try:
+                job.finish(response)
+            except Exception:
+                logger.exception("LUN %d: completing %s failed", self.lun, name)
+
+        for device in devices:
+            device._request_started()
+        try:
+            threading.Thread(target=worker, name=f"{name}-lun{self.lun}", daemon=True).start()
+        except RuntimeError as e:  # no thread could be started: nothing was done
+            for device in devices:
+                device.request_finished()
+            logger.error("LUN %d: cannot start a %s worker: %s", self.lun, name, e)
+            raise _INTERNAL_FAILURE from e
+        return job.started()
 
     def _submit_read_command(self, request: Request, complete: Completion) -> Response | None:
         """READ(6/10/12/16) on an asynchronous back-end."""

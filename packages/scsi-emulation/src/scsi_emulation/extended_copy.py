@@ -7,6 +7,12 @@ back-end through a bounded bounce buffer), the copy status kept per I_T nexus an
 IDENTIFIER, the operating parameters, and the registry through which a copy finds the other
 LUs of its target. Knows nothing about transports.
 
+Every segment is checked (copy targets resolved, ranges, write protection) before any block
+moves; a copy of `BACKGROUND_THRESHOLD` bytes or more (up to 64 segments of 65535 blocks)
+then moves them on a worker thread (`BlockDevice.run_in_background`, counted in flight on
+every LU it touches), a smaller one inline. The first failing segment's error is reported
+after the segments before it were copied, as if they ran one by one.
+
 Peers: every `BlockDevice` registers itself here; two devices belong to the same target when
 their ``lister`` (the target's bound ``luns`` method, set at attach) compares equal, so a copy
 never reaches an LU of another target in the same process.
@@ -25,7 +31,7 @@ from typing import TYPE_CHECKING
 from scsi_core.opcodes import Opcode
 from scsi_core.sense import Asc, SenseData, SenseKey
 from scsi_core.status import Status
-from scsi_core.target import Request, Response
+from scsi_core.target import Completion, Request, Response
 
 from scsi_emulation.backend import BackendError
 from scsi_emulation.errors import (
@@ -41,7 +47,9 @@ if TYPE_CHECKING:
     from scsi_emulation.block_device import BlockDevice
 
 __all__ = [
+    "BACKGROUND_THRESHOLD",
     "COPY_COMMANDS",
+    "COPY_WORKER_COMMANDS",
     "MAX_DESCRIPTOR_LIST_LENGTH",
     "MAX_SEGMENT_DESCRIPTORS",
     "MAX_TARGET_DESCRIPTORS",
@@ -62,6 +70,8 @@ MAX_SEGMENT_DESCRIPTORS = 64
 MAX_DESCRIPTOR_LIST_LENGTH = 2048
 _MAX_SEGMENT_BLOCKS = 0xFFFF  # the B2B NUMBER OF BLOCKS field is 16 bits
 _BOUNCE = 1 << 20  # bytes moved per back-end call
+#: Bytes of copying from which the copy runs on a worker thread rather than the caller's.
+BACKGROUND_THRESHOLD = 1 << 20
 _KEPT_STATUSES = 64  # copy statuses remembered per LU (oldest dropped first)
 
 _IDENTIFICATION_DESCRIPTOR = 0xE4
@@ -273,27 +283,54 @@ def _move(src: BlockDevice, dst: BlockDevice, seg: _Segment) -> int:
     return total
 
 
-def _process(device: BlockDevice, targets: list[_Target], segments: list[_Segment]) -> int:
-    moved = 0
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """The checked segments, in order, and the error of the first one that failed (if any:
+    the copy stops there, reporting it once the segments before it were copied)."""
+
+    steps: list[tuple[BlockDevice, BlockDevice, _Segment]]
+    error: CommandError | None
+
+    @property
+    def total(self) -> int:
+        return sum(seg.blocks << src.shift for src, _, seg in self.steps)
+
+
+def _plan(device: BlockDevice, targets: list[_Target], segments: list[_Segment]) -> _Plan:
+    steps: list[tuple[BlockDevice, BlockDevice, _Segment]] = []
     for n, seg in enumerate(segments):
-        src = _resolve(device, targets, seg.source, n)
-        dst = _resolve(device, targets, seg.destination, n)
-        for peer, lba in ((src, seg.source_lba), (dst, seg.destination_lba)):
-            if lba + seg.blocks > peer.nblocks:
-                # SPC-4 6.4.3.3: COPY ABORTED; the suite expects one of the copy ASCs here.
-                raise _aborted(_COPY_ABORTED_NO_SENSE, n)
-        if dst.read_only:
-            raise CommandError(SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED)
+        try:
+            src = _resolve(device, targets, seg.source, n)
+            dst = _resolve(device, targets, seg.destination, n)
+            for peer, lba in ((src, seg.source_lba), (dst, seg.destination_lba)):
+                if lba + seg.blocks > peer.nblocks:
+                    # SPC-4 6.4.3.3: COPY ABORTED; the suite expects one of the copy ASCs here.
+                    raise _aborted(_COPY_ABORTED_NO_SENSE, n)
+            if dst.read_only:
+                raise CommandError(SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED)
+        except CommandError as e:
+            return _Plan(steps, e)
+        steps.append((src, dst, seg))
+    return _Plan(steps, None)
+
+
+def _process(plan: _Plan) -> int:
+    """Move the planned segments; raises the plan's error (or a segment's I/O error) after."""
+    moved = 0
+    for n, (src, dst, seg) in enumerate(plan.steps):
         try:
             moved += _move(src, dst, seg)
         except BackendError as e:
             logger.warning("extended copy segment %d failed: %s", n, e)
             raise _aborted(_COPY_ABORTED_NOT_REACHABLE, n) from e
+    if plan.error is not None:
+        raise plan.error
     return moved
 
 
-def extended_copy(dev: BlockDevice, request: Request) -> Response:
-    """EXTENDED COPY (LID1): validate the whole parameter list, then copy segment by segment."""
+def extended_copy(dev: BlockDevice, request: Request, complete: Completion) -> Response | None:
+    """EXTENDED COPY (LID1): validate the whole parameter list and every segment, then copy
+    segment by segment (on a worker thread from `BACKGROUND_THRESHOLD` bytes on)."""
     length = int.from_bytes(request.cdb[10:14], "big")
     if length == 0:
         return GOOD  # no parameter list: nothing to copy (SPC-4 6.4.1)
@@ -313,17 +350,29 @@ def extended_copy(dev: BlockDevice, request: Request) -> Response:
     targets = _parse_targets(params, _HEADER_LENGTH, tdl)
     segments = _parse_segments(params, _HEADER_LENGTH + tdl, sdl)
     keep = usage != 0b11
-    try:
-        moved = _process(dev, targets, segments)
-    except CommandError as e:
+    nexus = request.nexus
+    plan = _plan(dev, targets, segments)
+
+    def work() -> None:
+        try:
+            moved = _process(plan)
+        except CommandError as e:
+            if keep:
+                done = e.segment if isinstance(e, CopySenseError) and e.segment is not None else 0
+                failed = CopyStatus(_STATUS_COMPLETE_WITH_ERRORS, done, 0)
+                _remember(dev, nexus, list_id, failed)
+            raise
         if keep:
-            done = e.segment if isinstance(e, CopySenseError) and e.segment is not None else 0
-            failed = CopyStatus(_STATUS_COMPLETE_WITH_ERRORS, done, 0)
-            _remember(dev, request.nexus, list_id, failed)
-        raise
-    if keep:
-        _remember(dev, request.nexus, list_id, CopyStatus(_STATUS_COMPLETE, len(segments), moved))
-    return data_out_residual(request)
+            _remember(dev, nexus, list_id, CopyStatus(_STATUS_COMPLETE, len(segments), moved))
+
+    good = data_out_residual(request)
+    if plan.total < BACKGROUND_THRESHOLD:
+        work()
+        return good
+    busy = [peer for step in plan.steps for peer in step[:2]]
+    return dev.run_in_background(
+        request, complete, work, good, name="extended-copy", also_busy=busy
+    )
 
 
 def _scaled(count: int) -> tuple[int, int]:
@@ -363,7 +412,7 @@ def receive_operating_parameters(dev: BlockDevice, request: Request) -> Response
         0,  # MAXIMUM INLINE DATA LENGTH
         0,  # HELD DATA LIMIT
         0,  # MAXIMUM STREAM DEVICE TRANSFER SIZE
-        1,  # TOTAL CONCURRENT COPIES: one at a time, commands run serially
+        1,  # TOTAL CONCURRENT COPIES: advertised, not enforced (large copies use a worker)
         1,  # MAXIMUM CONCURRENT COPIES
         dev.shift,  # DATA SEGMENT GRANULARITY (log2 bytes)
         0,  # INLINE DATA GRANULARITY
@@ -414,7 +463,13 @@ def third_party_copy_descriptors(block_size: int) -> bytes:
 CommandFunction = Callable[["BlockDevice", Request], Response]
 
 COPY_COMMANDS: dict[tuple[int, int | None], CommandFunction] = {
-    (Opcode.EXTENDED_COPY, EXTENDED_COPY_LID1): extended_copy,
     (Opcode.RECEIVE_COPY_RESULTS, COPY_STATUS): receive_copy_status,
     (Opcode.RECEIVE_COPY_RESULTS, OPERATING_PARAMETERS): receive_operating_parameters,
+}
+
+WorkerCommand = Callable[["BlockDevice", Request, Completion], "Response | None"]
+
+#: The commands that may complete later: `BlockDevice` passes them ``complete``.
+COPY_WORKER_COMMANDS: dict[tuple[int, int | None], WorkerCommand] = {
+    (Opcode.EXTENDED_COPY, EXTENDED_COPY_LID1): extended_copy,
 }

@@ -152,6 +152,10 @@ def _start(
     good = data_out_residual(request)
     residual, d_sense = good.residual, dev.mode.d_sense
     progress = SanitizeProgress(total)
+    # One-shot claim (as for submitted requests): ``complete`` only after None was returned;
+    # work that ended before that is answered inline instead.
+    claim = threading.Lock()
+    outcome: list[Response] = []
 
     def worker() -> None:
         response = good
@@ -175,6 +179,9 @@ def _start(
             if response is not good:
                 logger.warning("LUN %d: sanitize (IMMED) ended in error", dev.lun)
             return
+        outcome.append(response)
+        if claim.acquire(False):  # `_start` has not returned yet: it answers inline
+            return
         try:
             complete(response)
         except Exception:
@@ -189,7 +196,9 @@ def _start(
         dev.invalidate_fast_path()
         logger.error("LUN %d: cannot start the sanitize worker: %s", dev.lun, e)
         raise _INTERNAL_FAILURE from e
-    return good if immed else None
+    if immed:
+        return good
+    return None if claim.acquire(False) else outcome[0]
 
 
 def _overwrite_block(params: bytes, block_size: int) -> bytes:

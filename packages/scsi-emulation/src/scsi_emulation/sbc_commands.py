@@ -2,7 +2,11 @@
 provisioning (UNMAP, WRITE SAME, GET LBA STATUS), COMPARE AND WRITE and ORWRITE.
 
 Holds one function per command, ``(device, request) -> Response``, and the `SBC_COMMANDS`
-table. Payloads here are compared or combined, so they are copied (these are not hot-path
+table; WRITE SAME and UNMAP also take ``complete`` (`SBC_WORKER_COMMANDS`): their large cases
+(a non-zero pattern over 1 MiB or more; zeros written where the back-end cannot punch holes)
+run on a worker thread through `BlockDevice.run_in_background`, after every check, while the
+cheap ones (zeros written or holes punched by the back-end, small patterns) stay inline.
+Payloads here are compared or combined, so they are copied (these are not hot-path
 commands); plain writes go through `BlockDevice.write` without copies. Knows nothing about
 transports.
 """
@@ -16,7 +20,7 @@ from typing import TYPE_CHECKING
 from scsi_core.cdb import BlockCdb, decode_block_cdb
 from scsi_core.opcodes import Opcode, ServiceActionIn16
 from scsi_core.sense import Asc, SenseKey
-from scsi_core.target import Request, Response
+from scsi_core.target import Completion, Request, Response
 
 from scsi_emulation.backend import BackendError
 from scsi_emulation.errors import (
@@ -30,7 +34,7 @@ from scsi_emulation.transfer import data_out_residual, receive_parameters, send_
 if TYPE_CHECKING:
     from scsi_emulation.block_device import BlockDevice
 
-__all__ = ["SBC_COMMANDS"]
+__all__ = ["BACKGROUND_THRESHOLD", "SBC_COMMANDS", "SBC_WORKER_COMMANDS"]
 
 _READ_CAPACITY_10 = struct.Struct(">II")
 _READ_CAPACITY_16 = struct.Struct(">QIBBH16x")
@@ -40,6 +44,8 @@ _UNMAP_HEADER = struct.Struct(">HH4x")
 _UNMAP_DESCRIPTOR = struct.Struct(">QI4x")
 
 _PATTERN_CHUNK = 1 << 20  # WRITE SAME writes its pattern in chunks of this many bytes
+#: Bytes of writing from which WRITE SAME / UNMAP run on a worker thread, not the caller's.
+BACKGROUND_THRESHOLD = 1 << 20
 _VERIFY_CHUNK = 1 << 20  # VERIFY reads the medium in chunks of this many bytes
 # The TRANSFER LENGTH / VERIFICATION LENGTH byte of each size of CDB (field pointers).
 _LENGTH_BYTE = {10: 7, 12: 6, 16: 10}
@@ -62,15 +68,17 @@ def _read_blocks(dev: BlockDevice, lba: int, n: int) -> bytearray:
     return buf
 
 
+def _write_error(e: BackendError) -> CommandError:
+    if e.errno == 28:  # ENOSPC (thin provisioning, SBC-4 4.7.3.7)
+        return CommandError(SenseKey.DATA_PROTECT, Asc.SPACE_ALLOCATION_FAILED_WRITE_PROTECT)
+    return CommandError(SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR)
+
+
 def _write_blocks(dev: BlockDevice, lba: int, data: bytes | bytearray, durable: bool) -> None:
     try:
         dev.backend.write(lba << dev.shift, [memoryview(data)], len(data), durable)
     except BackendError as e:
-        if e.errno == 28:
-            raise CommandError(
-                SenseKey.DATA_PROTECT, Asc.SPACE_ALLOCATION_FAILED_WRITE_PROTECT
-            ) from e
-        raise CommandError(SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR) from e
+        raise _write_error(e) from e
 
 
 def _first_difference(a: bytes | bytearray, b: bytes | bytearray) -> int | None:
@@ -194,8 +202,13 @@ def _write_same_pattern(dev: BlockDevice, request: Request) -> bytes:
     return reader.read(dev.block_size)
 
 
-def _write_same(dev: BlockDevice, request: Request) -> Response:
-    """WRITE SAME(10/16) (SBC-4 5.44) with UNMAP and NDOB."""
+def _write_same(dev: BlockDevice, request: Request, complete: Completion) -> Response | None:
+    """WRITE SAME(10/16) (SBC-4 5.44) with UNMAP and NDOB.
+
+    Zeros (the back-end's write_zeroes: a hole or a zeroed range) and small patterns are
+    written inline; a non-zero pattern of `BACKGROUND_THRESHOLD` bytes or more (up to
+    MAXIMUM WRITE SAME LENGTH: 2 GiB) is written by a worker thread.
+    """
     c = decode_block_cdb(request.cdb)
     sixteen = c.opcode == Opcode.WRITE_SAME_16
     length_byte = 10 if sixteen else 7
@@ -216,31 +229,43 @@ def _write_same(dev: BlockDevice, request: Request) -> Response:
     block = dev.block_size
     pattern = bytes(block) if c.ndob else _write_same_pattern(dev, request)
     offset, total = c.lba << dev.shift, c.length << dev.shift
-    try:
-        if not any(pattern):
+    good = data_out_residual(request)
+    if not any(pattern):
+        try:
             dev.backend.write_zeroes(offset, total, may_discard=c.unmap)
             if dev.durable:
                 dev.backend.flush()
-        else:
-            # A non-zero pattern cannot be unmapped (LBPRZ=1 reads zeros): write it.
-            chunk_blocks = max(min(c.length, _PATTERN_CHUNK // block), 1)
-            chunk = memoryview(pattern * chunk_blocks)
-            while total:
-                n = min(total, len(chunk))
-                dev.backend.write(offset, [chunk[:n]], n, dev.durable)
-                offset += n
-                total -= n
-    except BackendError as e:
-        if e.errno == 28:
-            raise CommandError(
-                SenseKey.DATA_PROTECT, Asc.SPACE_ALLOCATION_FAILED_WRITE_PROTECT
-            ) from e
-        raise CommandError(SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR) from e
-    return data_out_residual(request)
+        except BackendError as e:
+            raise _write_error(e) from e
+        return good
+    # A non-zero pattern cannot be unmapped (LBPRZ=1 reads zeros): write it.
+    chunk_blocks = max(min(c.length, _PATTERN_CHUNK // block), 1)
+    chunk = memoryview(pattern * chunk_blocks)
+    durable = dev.durable
+
+    def work() -> None:
+        at, left = offset, total
+        try:
+            while left:
+                n = min(left, len(chunk))
+                dev.backend.write(at, [chunk[:n]], n, durable)
+                at += n
+                left -= n
+        except BackendError as e:
+            raise _write_error(e) from e
+
+    if total < BACKGROUND_THRESHOLD:
+        work()
+        return good
+    return dev.run_in_background(request, complete, work, good, name="write-same")
 
 
-def unmap(dev: BlockDevice, request: Request) -> Response:
-    """UNMAP (SBC-4 5.32): validate every descriptor, then punch the holes."""
+def unmap(dev: BlockDevice, request: Request, complete: Completion) -> Response | None:
+    """UNMAP (SBC-4 5.32): validate every descriptor, then punch the holes.
+
+    A back-end that cannot punch holes writes zeros instead: from `BACKGROUND_THRESHOLD`
+    bytes on (up to 256 descriptors of 4 GiB each) that runs on a worker thread.
+    """
     cdb = request.cdb
     dev.check_writable()  # DATA PROTECT first, as for WRITE SAME with UNMAP
     if cdb[1] & 0x01:  # ANCHOR without ANC_SUP
@@ -264,22 +289,31 @@ def unmap(dev: BlockDevice, request: Request) -> Response:
         if n > dev.options.max_unmap_lba_count:
             raise invalid_field_in_parameter_list(8 + 16 * i + 8)
         total += n
-    try:
-        for lba, n in ranges:
-            if n:
-                dev.backend.discard(lba << dev.shift, n << dev.shift)
-        if dev.durable and total:
-            dev.backend.flush()
-    except BackendError as e:
-        raise CommandError(SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR) from e
-    return data_out_residual(request)
+    good = data_out_residual(request)
+    shift, durable = dev.shift, dev.durable
+
+    def work() -> None:
+        try:
+            for lba, n in ranges:
+                if n:
+                    dev.backend.discard(lba << shift, n << shift)
+            if durable and total:
+                dev.backend.flush()
+        except BackendError as e:
+            raise CommandError(SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR) from e
+
+    if dev.backend.supports_discard or total << shift < BACKGROUND_THRESHOLD:
+        work()
+        return good
+    return dev.run_in_background(request, complete, work, good, name="unmap")
 
 
 def compare_and_write(dev: BlockDevice, request: Request) -> Response:
     """COMPARE AND WRITE (SBC-4 5.3): verify NUMBER OF LOGICAL BLOCKS, then write them.
 
     Atomic with respect to other commands because every command of this LU runs on the
-    caller's thread (pool reads never write).
+    caller's thread (pool reads never write) and `BlockDevice` runs it only once no
+    submitted request or worker-thread write of this LU is in flight.
     """
     c = decode_block_cdb(request.cdb)
     _protect_check(c)
@@ -373,9 +407,15 @@ SBC_COMMANDS: dict[tuple[int, int | None], CommandFunction] = {
     (Opcode.SYNCHRONIZE_CACHE_16, None): _synchronize_cache,
     (Opcode.PRE_FETCH_10, None): _pre_fetch,
     (Opcode.PRE_FETCH_16, None): _pre_fetch,
+    (Opcode.COMPARE_AND_WRITE, None): compare_and_write,
+    (Opcode.ORWRITE_16, None): orwrite_16,
+}
+
+WorkerCommand = Callable[["BlockDevice", Request, Completion], "Response | None"]
+
+#: The commands that may complete later: `BlockDevice` passes them ``complete``.
+SBC_WORKER_COMMANDS: dict[tuple[int, int | None], WorkerCommand] = {
     (Opcode.WRITE_SAME_10, None): _write_same,
     (Opcode.WRITE_SAME_16, None): _write_same,
     (Opcode.UNMAP, None): unmap,
-    (Opcode.COMPARE_AND_WRITE, None): compare_and_write,
-    (Opcode.ORWRITE_16, None): orwrite_16,
 }
