@@ -188,3 +188,45 @@ def test_pool_completes_reads_later(image: pathlib.Path) -> None:
     )
     assert r.status == Status.CHECK_CONDITION  # fresh target: UA, proving no pool path here
     backend.close()
+
+
+class _Plugged(FileBackend):
+    """A file back-end that records the batch hooks and says it is asynchronous."""
+
+    def __init__(self, path: pathlib.Path, log: list[str], name: str, fail: bool = False) -> None:
+        super().__init__(path)
+        self.log, self.name, self.fail = log, name, fail
+
+    @property
+    def asynchronous(self) -> bool:
+        return True
+
+    def plug(self) -> None:
+        self.log.append(f"plug {self.name}")
+
+    def unplug(self) -> None:
+        self.log.append(f"unplug {self.name}")
+        if self.fail:
+            raise OSError("cannot send")
+
+
+def test_batch_hooks_reach_only_asynchronous_back_ends(tmp_path: pathlib.Path) -> None:
+    log: list[str] = []
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    remote_a = BlockDevice(_Plugged(image, log, "a", fail=True))
+    remote_b = BlockDevice(_Plugged(image, log, "b"))
+    local = BlockDevice(FileBackend(image))
+    target = EmulatedTarget({0: remote_a, 1: local, 2: remote_b})
+    try:
+        target.begin_batch()
+        target.end_batch()  # a's unplug fails: b is still unplugged, nothing raises
+        assert log == ["plug a", "plug b", "unplug a", "unplug b"]
+        log.clear()
+        target.detach(2).close()
+        target.begin_batch()
+        target.end_batch()
+        assert log == ["plug a", "unplug a"]
+    finally:
+        remote_a.close()
+        local.close()

@@ -7,7 +7,7 @@ import os
 import threading
 
 import trio
-from vhost_device_scsi.completions import CompletionChannel
+from vhost_device_scsi.completions import CompletionChannel, deferred_wakeups
 
 
 async def test_posts_from_threads_arrive_once_each() -> None:
@@ -97,5 +97,34 @@ async def test_a_post_racing_with_the_drain_is_never_stranded() -> None:
         for t in threads:
             t.join()
         assert seen == total and len(channel) == 0
+    finally:
+        channel.close()
+
+
+def test_deferred_posts_on_the_owner_thread_skip_the_eventfd() -> None:
+    channel: CompletionChannel[int, str] = CompletionChannel()
+    try:
+        with deferred_wakeups():
+            channel.post(1, "inline")
+            channel.post(2, "inline")
+        assert _counter(channel) == 0  # no system call, no wake-up: the owner drains now
+        assert [item for item, _ in channel.drain()] == [1, 2]
+        channel.post(3, "outside")  # after the block, posts wake the owner again
+        assert _counter(channel) == 1
+        assert [item for item, _ in channel.drain()] == [3]
+    finally:
+        channel.close()
+
+
+def test_deferral_is_only_for_the_thread_that_entered_it() -> None:
+    channel: CompletionChannel[int, str] = CompletionChannel()
+    try:
+        with deferred_wakeups():
+            worker = threading.Thread(target=channel.post, args=(7, "worker"))
+            worker.start()
+            worker.join()
+            # A worker's post must still wake the owner: it may arrive after the drain.
+            assert _counter(channel) == 1
+        assert [item for item, _ in channel.drain()] == [7]
     finally:
         channel.close()

@@ -8,7 +8,7 @@ import pytest
 import trio
 from scsi_core.lun import REPORT_LUNS_WLUN
 from scsi_core.status import Status
-from scsi_core.target import Response
+from scsi_core.target import Completion, Request, Response
 from vds_harness import PENDING_OP, READ_10, SENSE_OP, WRITE_10, Driver, FakeTarget
 from vhost_device_scsi import virtio_scsi as vs
 from vhost_device_scsi.completions import CompletionChannel
@@ -280,3 +280,28 @@ async def test_pending_commands_between_inline_ones_keep_their_own_callbacks(
         assert (r.response, r.status, r.residual) == (VR.OK, Status.GOOD, residual)
         assert din is not None
         assert driver.read(din)[: din[1] - residual] == bytes([tag]) * (din[1] - residual)
+
+
+def test_each_drained_batch_is_bracketed_once_by_the_target_batch_hooks(driver: Driver) -> None:
+    calls: list[str] = []
+
+    class Batching(FakeTarget):
+        def begin_batch(self) -> None:
+            calls.append("begin")
+
+        def execute(self, request: Request, complete: Completion) -> Response | None:
+            calls.append("execute")
+            return super().execute(request, complete)
+
+        def end_batch(self) -> None:
+            calls.append("end")
+
+    target = Batching()
+    rq = make(target, driver)
+    for i in range(3):
+        driver.command(bytes([READ_10]), data_in=512, tag=i)
+    rq.process(driver.vring)
+    assert calls == ["begin", "execute", "execute", "execute", "end"]
+    calls.clear()
+    rq.process(driver.vring)  # an empty ring: still a matched pair, nothing in between
+    assert calls == ["begin", "end"]

@@ -203,6 +203,14 @@ class Target(ABC):
     def luns(self) -> list[int]:
         """The LUNs present, ascending."""
 
+    def begin_batch(self) -> None:  # noqa: B027 - optional hook
+        """Several `execute` calls follow back to back (a transport drained its queue): a
+        target may hold back the I/O they start until `end_batch`, to send it together."""
+
+    def end_batch(self) -> None:  # noqa: B027 - optional hook
+        """The batch `begin_batch` announced is over: start everything held back. A
+        transport calls it once per `begin_batch`, even when a command of the batch failed."""
+
 
 class BytesReader:
     """A `DataReader` over a bytes-like object (no copy of it is made)."""

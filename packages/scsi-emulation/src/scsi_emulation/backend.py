@@ -160,6 +160,41 @@ class StorageBackend(ABC):
         """(mapped, length) of the extent that starts at ``offset``. Default: all mapped."""
         return True, max(self.size - offset, 0)
 
+    # -- optional: completions delivered on the caller's thread --------------------------
+    #
+    # A remote back-end normally completes `submit_*` from a thread of its own, and the
+    # caller then hops back to its own thread: two thread hand-offs (and GIL hand-offs) per
+    # request. A caller with an event loop can instead drive the back-end itself: after
+    # `start_polling()` returned True, it waits until `poll_fileno()` is readable (or
+    # `poll_interval` seconds passed) and calls `service()`, which runs the due ``done``
+    # callbacks on the caller's thread. Blocking calls (`read`, `write`, ...) keep working
+    # from any thread, the polling one included. Every call here is a no-op by default.
+
+    #: While polled: call `service` at least this often, readable or not (timeouts).
+    poll_interval: float = 0.5
+
+    def start_polling(self) -> bool:
+        """Deliver completions only from `service` from now on (call it before any I/O is
+        in flight, from the thread that will call `service`). False: not supported, nothing
+        changed, completions keep arriving on the back-end's own threads."""
+        return False
+
+    def poll_fileno(self) -> int | None:
+        """While polled: the descriptor whose readability means `service` has work. It can
+        change after any `service` call (a reconnection); None means none right now: call
+        `service` again after `poll_interval`."""
+        return None
+
+    def service(self) -> None:  # noqa: B027 - optional hook
+        """While polled: do the back-end's pending work without blocking (receive what
+        arrived, check timeouts) and run the ``done`` callbacks that became due."""
+
+    def plug(self) -> None:  # noqa: B027 - optional hook
+        """Submissions from now until `unplug` may be held back and sent together."""
+
+    def unplug(self) -> None:  # noqa: B027 - optional hook
+        """Send every submission held back since `plug` (one system call where possible)."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the storage."""
 

@@ -323,6 +323,8 @@ class BlockDevice(LogicalUnit):
         self.lister: LunLister = lambda: [self.lun]
         #: Whether READ/WRITE/SYNCHRONIZE CACHE go through ``submit_*`` (remote storage).
         self.asynchronous = backend.asynchronous
+        #: An asynchronous back-end may send a batch's requests together (`begin_batch`).
+        self.batches = self.asynchronous
         self._in_flight = 0  # submitted requests whose completion has not finished
         self._idle = threading.Condition(threading.Lock())
         # Reads try the page cache without blocking only where that can work; the pool then
@@ -338,6 +340,14 @@ class BlockDevice(LogicalUnit):
         self.commands = self._supported_commands()
         self._handlers: list[Handler] = self._build_handlers()
         register_device(self)  # EXTENDED COPY finds the target's other LUs through this
+
+    def begin_batch(self) -> None:
+        """Let the back-end hold this batch's submissions back (`StorageBackend.plug`)."""
+        self.backend.plug()
+
+    def end_batch(self) -> None:
+        """Send what the back-end held back during the batch."""
+        self.backend.unplug()
 
     @property
     def sanitizing(self) -> bool:

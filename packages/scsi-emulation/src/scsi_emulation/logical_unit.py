@@ -28,6 +28,9 @@ LunLister = Callable[[], list[int]]
 class LogicalUnit(ABC):
     """One logical unit of an `EmulatedTarget`."""
 
+    #: Whether `begin_batch` / `end_batch` do anything (the target calls only those that do).
+    batches: bool = False
+
     def attach(self, lun: int, lister: LunLister) -> None:  # noqa: B027 - optional hook
         """Called when the LU is placed at ``lun``; ``lister`` serves REPORT LUNS."""
 
@@ -48,6 +51,12 @@ class LogicalUnit(ABC):
 
     def forget_nexus(self, nexus: Hashable) -> None:  # noqa: B027
         """The I_T nexus is gone: drop its state (reservations, PREVENT, unit attentions)."""
+
+    def begin_batch(self) -> None:  # noqa: B027
+        """As `scsi_core.target.Target.begin_batch`, for this LU (only when `batches`)."""
+
+    def end_batch(self) -> None:  # noqa: B027
+        """As `scsi_core.target.Target.end_batch`, for this LU (only when `batches`)."""
 
     def close(self) -> None:  # noqa: B027
         """Release resources."""

@@ -46,6 +46,8 @@ class EmulatedTarget(Target):
 
     def __init__(self, luns: Mapping[int, LogicalUnit] | None = None) -> None:
         self._luns: dict[int, LogicalUnit] = {}
+        #: The LUs whose batch hooks do something, so that a batch costs nothing without them.
+        self._batching: tuple[LogicalUnit, ...] = ()
         self._missing = MissingLun(self.luns)
         self._wlun = ReportLunsLogicalUnit(self.luns)
         for lun, lu in (luns or {}).items():
@@ -60,12 +62,14 @@ class EmulatedTarget(Target):
             raise ValueError(f"LUN {lun} is already attached")
         self._luns[lun] = lu
         lu.attach(lun, self.luns)
+        self._batching = tuple(x for x in self._luns.values() if x.batches)
         if announce:
             self._announce(exclude=lun)
 
     def detach(self, lun: int) -> LogicalUnit:
         """Remove the LU at ``lun`` and return it (the caller closes it)."""
         lu = self._luns.pop(lun)
+        self._batching = tuple(x for x in self._luns.values() if x.batches)
         self._announce()
         return lu
 
@@ -80,6 +84,17 @@ class EmulatedTarget(Target):
 
     def luns(self) -> list[int]:
         return sorted(self._luns)
+
+    def begin_batch(self) -> None:
+        for lu in self._batching:
+            lu.begin_batch()
+
+    def end_batch(self) -> None:
+        for lu in self._batching:
+            try:
+                lu.end_batch()
+            except Exception:  # one LU's failure must not keep the others' I/O held back
+                logger.exception("ending a batch failed")
 
     def execute(self, request: Request, complete: Completion) -> Response | None:
         lu: LogicalUnit | None = self._luns.get(request.lun)

@@ -9,8 +9,13 @@ completing 32 requests in a burst costs one eventfd write and one wake-up, not 3
 also releases the GIL, handing it to the woken owner while the poster still has work to do).
 Completions keep arriving after the channel closed (a front-end that disconnects with
 commands in flight at remote storage): they are dropped, and a lock keeps them from writing to
-an eventfd number that `close` released and the process may have reused. Knows nothing about
-SCSI, virtio or what the items are.
+an eventfd number that `close` released and the process may have reused.
+
+`deferred_wakeups()` covers the case where completions run on the owner's own thread (a
+back-end the owner polls, `polling.BackendPoller`): posts made inside it on the thread that
+entered it queue the item without touching the eventfd, because the owner drains right after
+(`CompletionChannel.drain`): no system call and no extra trip through the event loop. Knows
+nothing about SCSI, virtio or what the items are.
 """
 
 from __future__ import annotations
@@ -26,12 +31,39 @@ from typing import Generic, TypeVar
 # trio 0.22 ships no type information; newer trio does.
 import trio
 
-__all__ = ["CompletionChannel"]
+__all__ = ["CompletionChannel", "deferred_wakeups"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+_get_ident = threading.get_ident
+
+
+class _Deferral:
+    """Which thread is inside `deferred_wakeups` (0: none). One per process: only the thread
+    running the event loop ever enters it, and it does not nest."""
+
+    __slots__ = ("thread",)
+
+    def __init__(self) -> None:
+        self.thread = 0
+
+
+_deferral = _Deferral()
+
+
+@contextlib.contextmanager
+def deferred_wakeups() -> Iterator[None]:
+    """Inside it, posts from this thread skip the eventfd: the caller must drain every channel
+    it may have posted to before it next waits (items posted here wake nobody)."""
+    previous = _deferral.thread
+    _deferral.thread = _get_ident()
+    try:
+        yield
+    finally:
+        _deferral.thread = previous
 
 
 class CompletionChannel(Generic[T, R]):
@@ -54,6 +86,8 @@ class CompletionChannel(Generic[T, R]):
                 return
             items = self._items
             items.append((item, result))
+            if _deferral.thread == _get_ident():
+                return  # the owner itself, about to drain (`deferred_wakeups`)
             # More than one item: an earlier post found the deque empty and woke the owner,
             # who has not drained that item yet, so it drains this one too (posts are
             # serialized by the lock; the owner only removes).

@@ -24,6 +24,7 @@ from .cli import CliError, DaemonOptions, bind_unix, prepare_listener
 from .control import AddLun, Command, ControlError, ListLuns, RemoveLun, ResizeLun, serve_control
 from .device import DeviceSettings, ScsiBackend
 from .luns import LunError, LunSpec, LunTable
+from .polling import BackendPoller
 
 __all__ = ["Daemon", "DaemonError"]
 
@@ -32,6 +33,12 @@ logger = logging.getLogger(__name__)
 
 class DaemonError(Exception):
     """The daemon cannot start (an image cannot be opened...); the message is for the operator."""
+
+
+def _finish_completions(backends: list[ScsiBackend]) -> None:
+    """After a polled back-end ran completions on this thread: finish them on the rings."""
+    for backend in backends:
+        backend.requests.finish_all()
 
 
 class Daemon:
@@ -43,9 +50,11 @@ class Daemon:
         luns: LunTable,
         listener: socket.socket,
         control: socket.socket | None,
+        poller: BackendPoller | None = None,
     ) -> None:
         self.options = options
         self.luns = luns
+        self.poller = poller
         self.listener = listener
         self.control = control
         self.settings = DeviceSettings(
@@ -56,8 +65,13 @@ class Daemon:
 
     @classmethod
     def open(cls, options: DaemonOptions) -> Daemon:
-        """Open every image and socket, or raise DaemonError / CliError with one clear line."""
-        luns = LunTable()
+        """Open every image and socket, or raise DaemonError / CliError with one clear line.
+
+        Remote back-ends (NBD, RBD) are polled from the daemon's trio loop (`BackendPoller`),
+        so call it on the thread that will `run` the daemon."""
+        backends: list[ScsiBackend] = []
+        poller = BackendPoller(partial(_finish_completions, backends))
+        luns = LunTable(watcher=poller)
         try:
             for image in options.images:
                 luns.add(
@@ -85,7 +99,9 @@ class Daemon:
                 luns.close()
                 listener.close()
                 raise
-        return cls(options, luns, listener, control)
+        daemon = cls(options, luns, listener, control, poller)
+        daemon.backends = backends
+        return daemon
 
     # -- running ----------------------------------------------------------------------------
 
@@ -100,6 +116,8 @@ class Daemon:
                 await nursery.start(self._watch_signals, nursery.cancel_scope)
             # serve() owns the fd from here and closes it; our object must not close it too.
             fd = self.listener.detach()
+            if self.poller is not None:
+                await nursery.start(self.poller.run)
             await nursery.start(partial(serve, self._new_backend, listen_fd=fd))
             if self.control is not None:
                 await nursery.start(serve_control, self.control, self.handle_command)

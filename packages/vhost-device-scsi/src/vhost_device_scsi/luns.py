@@ -4,7 +4,9 @@ Holds `LunSpec` (what the operator asked for one LUN) and `LunTable`, which open
 (an image file, a block device, an NBD export or an RBD image: any location
 `scsi_emulation.backends.uri` parses), wraps it in a `BlockDevice` and places it in the
 `EmulatedTarget`; and removes, resizes and lists LUNs for the control socket. Errors are
-`LunError` with a message fit for the operator. Knows nothing about virtio or vhost-user.
+`LunError` with a message fit for the operator. A remote back-end is handed to the optional
+`BackendWatcher` (the daemon's `polling.BackendPoller`) so that its completions arrive on the
+daemon's own thread. Knows nothing about virtio or vhost-user.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass
+from typing import Protocol
 
+from scsi_emulation.backend import StorageBackend
 from scsi_emulation.backends.uri import FileLocation, LocationError, open_backend, parse_location
 from scsi_emulation.block_device import BlockDevice
 from scsi_emulation.identity import DeviceIdentity
@@ -21,7 +25,7 @@ from scsi_emulation.io_pool import IoWorkerPool
 from scsi_emulation.options import BlockDeviceOptions
 from scsi_emulation.target import EmulatedTarget
 
-__all__ = ["IO_THREADS", "LunError", "LunSpec", "LunTable"]
+__all__ = ["IO_THREADS", "BackendWatcher", "LunError", "LunSpec", "LunTable"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +61,25 @@ def _serial(path: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
-class LunTable:
-    """The LUNs of target 0 and their block devices; `target` is what the device executes on."""
+class BackendWatcher(Protocol):
+    """Who polls remote back-ends (`polling.BackendPoller`)."""
 
-    def __init__(self, *, io_threads: int = IO_THREADS) -> None:
+    def watch(self, backend: StorageBackend) -> bool: ...
+
+    def unwatch(self, backend: StorageBackend) -> None: ...
+
+
+class LunTable:
+    """The LUNs of target 0 and their block devices; `target` is what the device executes on.
+
+    With a ``watcher``, every back-end opened is offered to it (before any I/O), and taken
+    back before it is closed."""
+
+    def __init__(
+        self, *, io_threads: int = IO_THREADS, watcher: BackendWatcher | None = None
+    ) -> None:
         self.target = EmulatedTarget()
+        self._watcher = watcher
         self._pool = IoWorkerPool(io_threads, name="vhost-scsi-io")
         self._specs: dict[int, LunSpec] = {}
         self._devices: dict[int, BlockDevice] = {}
@@ -118,8 +136,11 @@ class LunTable:
             except ValueError as exc:
                 raise LunError(str(exc)) from None
             device = BlockDevice(backend, options, io_pool=self._pool)
+            if self._watcher is not None:
+                self._watcher.watch(backend)
             self.target.attach(spec.lun, device)
         except BaseException:
+            self._unwatch(backend)
             backend.close()
             raise
         self._specs[spec.lun] = spec
@@ -132,7 +153,13 @@ class LunTable:
         device = self.target.detach(lun)
         del self._specs[lun]
         self._devices.pop(lun, None)
+        if isinstance(device, BlockDevice):
+            self._unwatch(device.backend)
         device.close()
+
+    def _unwatch(self, backend: StorageBackend) -> None:
+        if self._watcher is not None:
+            self._watcher.unwatch(backend)
 
     def resize(self, lun: int) -> tuple[int, int]:
         """Re-read LUN `lun`'s image size (the device raises the unit attention); (old, new)."""
@@ -152,6 +179,7 @@ class LunTable:
     def close(self) -> None:
         """Close every image and stop the worker threads."""
         for device in self._devices.values():
+            self._unwatch(device.backend)
             try:
                 device.close()
             except OSError as exc:

@@ -194,6 +194,9 @@ class RequestQueues:
         pending = self._spare
         if pending is None:
             pending = PendingCommand(self.channel)
+        target = self.target
+        # A remote back-end may hold the batch's requests back and send them together.
+        target.begin_batch()
         try:
             while True:
                 try:
@@ -262,6 +265,7 @@ class RequestQueues:
             logger.error("request queue %d is broken: %s", vring.index, exc)
         finally:
             self._spare = pending
+            target.end_batch()
         if notify:
             vring.notify()
 

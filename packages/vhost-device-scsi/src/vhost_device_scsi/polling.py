@@ -1,0 +1,113 @@
+"""Driving remote storage back-ends from the daemon's trio loop: no thread hop per request.
+
+Holds `BackendPoller`. A back-end that supports it (`StorageBackend.start_polling`: NBD, RBD)
+then delivers its completions only when asked to: the poller runs one trio task per such
+back-end that waits until the back-end's descriptor is readable (the NBD socket, librbd's
+event fd) or its `poll_interval` passed, calls `service()` (which receives replies straight
+into guest memory and runs the SCSI completions on this thread), and then `on_serviced()`,
+with which the daemon finishes the completed requests on their virtqueues and notifies the
+driver once per burst. The posts made inside `service()` skip the completion channel's
+eventfd (`completions.deferred_wakeups`): the reply is received, the response written and the
+driver notified in one pass, on one thread, with no wake-up of another task in between.
+
+Back-ends that cannot be polled keep their own threads (the default) and are left alone.
+Knows nothing about SCSI or virtio.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+# trio 0.22 ships no type information; newer trio does.
+import trio
+from scsi_emulation.backend import StorageBackend
+
+from .completions import deferred_wakeups
+
+__all__ = ["BackendPoller"]
+
+logger = logging.getLogger(__name__)
+
+
+class BackendPoller:
+    """Polls the back-ends handed to `watch` once `run` is running.
+
+    `watch` and `unwatch` are called on the trio thread (or before `trio.run`, on the thread
+    that will run it: `start_polling` binds the back-end to that thread).
+    """
+
+    def __init__(self, on_serviced: Callable[[], None]) -> None:
+        self._on_serviced = on_serviced
+        self._scopes: dict[StorageBackend, trio.CancelScope] = {}
+        self._waiting: dict[StorageBackend, int] = {}
+        self._nursery: trio.Nursery | None = None
+
+    def __contains__(self, backend: object) -> bool:
+        return backend in self._scopes
+
+    def watch(self, backend: StorageBackend) -> bool:
+        """Take over ``backend``'s completions if it can be polled; False when it cannot."""
+        if backend in self._scopes:
+            return True
+        if not backend.start_polling():
+            return False
+        self._scopes[backend] = trio.CancelScope()
+        if self._nursery is not None:
+            self._nursery.start_soon(self._drive, backend)
+        return True
+
+    def unwatch(self, backend: StorageBackend) -> None:
+        """Stop polling ``backend`` before it is closed (its descriptor is about to go)."""
+        scope = self._scopes.pop(backend, None)
+        if scope is None:
+            return
+        scope.cancel()
+        fd = self._waiting.pop(backend, None)
+        if fd is not None:
+            # The task sleeps in wait_readable on a descriptor that close() will release:
+            # trio must drop it first (trio.lowlevel.notify_closing).
+            trio.lowlevel.notify_closing(fd)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Poll every watched back-end until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for backend in self._scopes:
+                nursery.start_soon(self._drive, backend)
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    async def _drive(self, backend: StorageBackend) -> None:
+        scope = self._scopes.get(backend)
+        if scope is None:
+            return
+        interval = backend.poll_interval
+        service = backend.service
+        on_serviced = self._on_serviced
+        waiting = self._waiting
+        with scope:
+            while True:
+                fd = backend.poll_fileno()
+                with trio.move_on_after(interval):
+                    if fd is None:
+                        await trio.sleep_forever()
+                    else:
+                        waiting[backend] = fd
+                        try:
+                            await trio.lowlevel.wait_readable(fd)
+                        except trio.ClosedResourceError:
+                            pass  # reconnected under us: ask for the new descriptor
+                        finally:
+                            waiting.pop(backend, None)
+                try:
+                    with deferred_wakeups():
+                        service()
+                except Exception:
+                    # A back-end bug must not end polling (its requests would hang): log it
+                    # and keep going; the back-end's own timeouts fail what is stuck.
+                    logger.exception("servicing the storage back-end failed")
+                on_serviced()
