@@ -178,7 +178,7 @@ def backends(session: nox.Session) -> None:
     """Storage back-ends against real servers: nbdkit, qemu-nbd, loop devices, Ceph RBD.
 
     Runs under Debian's /usr/bin/python3 with its site packages, the only interpreter that
-    imports python3-rbd/python3-rados/python3-libnbd (see ../shared/backends.md); needs the
+    imports python3-libnbd (the libnbd cross-checks; see ../shared/backends.md); needs the
     packages scripts/install-deps installs, and root for losetup. Tests skip with the reason
     when a tool is missing.
     """

@@ -3,7 +3,7 @@
 The instrument is ../shared/tools/vu-bench.c (see host_vu_bench.py): it keeps --qd 4 KiB
 requests in flight on one request queue. Both daemons serve the same storage, one after the
 other inside one run: an NBD export (nbdkit's memory plugin; our ``nbd://`` LU against
-``--blockdev driver=nbd``) and, where Ceph is installed and its Python bindings import, an RBD
+``--blockdev driver=nbd``) and, where Ceph and librbd are installed, an RBD
 image on a single-node memstore cluster started here (our ``rbd:`` LU against
 ``--blockdev driver=rbd``). IOPS and the daemon's CPU time per request at queue depth 1 and
 32, reads and writes, medians of --rounds interleaved rounds. Figures are printed, never
@@ -114,9 +114,9 @@ def nbd_storage() -> Iterator[Storage | None]:
 
 
 def _python_with_rbd() -> str | None:
-    """An interpreter that imports both the Ceph bindings and our daemon, or None."""
+    """An interpreter that runs our daemon and loads librbd (ctypes), or None."""
     candidates = [sys.executable, str(ROOT / ".nox" / "backends" / "bin" / "python")]
-    check = "import rados, rbd, vhost_device_scsi"
+    check = "import vhost_device_scsi; from scsi_emulation.backends import librbd; librbd.load()"
     for python in candidates:
         if (
             os.path.exists(python)
@@ -140,8 +140,8 @@ def rbd_storage() -> Iterator[Storage | None]:
         return
     if python is None:
         print(
-            "RBD skipped: no interpreter imports both the Ceph bindings and the daemon "
-            "(run nox -s backends once: its venv is used)"
+            "RBD skipped: librbd (Debian librbd1) does not load, or the daemon is not "
+            "installed (scripts/install-deps)"
         )
         yield None
         return

@@ -5,14 +5,19 @@ goes away mid-request; cross-checked with libnbd where its binding imports."""
 from __future__ import annotations
 
 import errno
+import os
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from scsi_emulation.backend import BackendError
 from scsi_emulation.backends import nbd_protocol as p
 from scsi_emulation.backends.nbd import NbdBackend
+from scsi_emulation.backends.nbd_connection import NbdConnection
 
 from tests.backends.servers import NbdServer
 
@@ -202,5 +207,270 @@ def test_server_gone_is_an_error_not_a_hang(nbdkit_memory: NbdServer) -> None:
             backend.read(0, [memoryview(bytearray(512))], 512)
         assert info.value.errno == errno.ENOTCONN
         assert time.monotonic() - start < 10
+    finally:
+        backend.close()
+
+
+# -- polled mode (StorageBackend.start_polling / service / plug) ------------------------------
+
+
+def poll_until(backend: NbdBackend, finished: Callable[[], bool], timeout: float = 30) -> None:
+    """The daemon's loop on this thread: wait for the poll descriptor, `service`, until
+    ``finished()`` (fails after ``timeout`` s: a hang is a failure, not a stuck test)."""
+    deadline = time.monotonic() + timeout
+    while not finished():
+        assert time.monotonic() < deadline, "polled back-end made no progress"
+        fd = backend.poll_fileno()
+        if fd is not None:
+            select.select([fd], [], [], backend.poll_interval)
+        else:
+            time.sleep(backend.poll_interval)
+        backend.service()
+
+
+class Tally:
+    """``done`` callbacks that count, remember errors and the thread they ran on."""
+
+    def __init__(self) -> None:
+        self.errors: list[BackendError | None] = []
+        self.threads: set[int] = set()
+        self.lock = threading.Lock()
+
+    def __call__(self, error: BackendError | None) -> None:
+        with self.lock:
+            self.errors.append(error)
+            self.threads.add(threading.get_ident())
+
+    def count(self) -> int:
+        return len(self.errors)
+
+    def reached(self, n: int) -> Callable[[], bool]:
+        """A `poll_until` condition: ``n`` completions seen."""
+        return lambda: len(self.errors) >= n
+
+
+class CountingSocket:
+    """Wraps a connection's socket to count ``sendmsg``/``send`` calls."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sends = 0
+
+    def sendmsg(self, *args: Any) -> int:
+        self.sends += 1
+        return self.sock.sendmsg(*args)
+
+    def send(self, *args: Any) -> int:
+        self.sends += 1
+        return self.sock.send(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def test_polled_many_in_flight_single_thread(nbd_server: NbdServer) -> None:
+    """64 writes then 64 reads in flight, all completed by one thread's poll loop, plugged
+    in one batch each; the data reads back."""
+    backend = NbdBackend.connect(nbd_server.uri)
+    try:
+        assert backend.start_polling()
+        n, size = 64, 8192
+        blocks = [pattern(size, i) for i in range(n)]
+        tally = Tally()
+        backend.plug()
+        for i, b in enumerate(blocks):
+            backend.submit_write(i * size, [memoryview(b)], size, i % 3 == 0, tally)
+        backend.unplug()
+        poll_until(backend, lambda: tally.count() == n)
+        outs = [bytearray(size) for _ in range(n)]
+        backend.plug()
+        for i, out in enumerate(outs):
+            o = memoryview(out)
+            backend.submit_read(i * size, [o[:100], o[100:]], size, tally)
+        backend.unplug()
+        poll_until(backend, lambda: tally.count() == 2 * n)
+        assert tally.errors == [None] * (2 * n)
+        assert tally.threads == {threading.get_ident()}
+        assert [bytes(o) for o in outs] == blocks
+    finally:
+        backend.close()
+
+
+def test_polled_plug_sends_a_batch_in_one_call(nbdkit_memory: NbdServer) -> None:
+    backend = NbdBackend.connect(nbdkit_memory.uri)
+    try:
+        assert backend.start_polling()
+        connection = backend._connections[0]
+        counting = CountingSocket(connection._sock)
+        connection._sock = counting  # type: ignore[assignment]
+        tally = Tally()
+        outs = [bytearray(4096) for _ in range(32)]
+        backend.plug()
+        backend.plug()  # nested: only the outer unplug sends
+        for i, out in enumerate(outs):
+            backend.submit_read(i * 4096, [memoryview(out)], 4096, tally)
+        backend.unplug()
+        assert counting.sends == 0
+        backend.unplug()
+        assert counting.sends == 1
+        poll_until(backend, lambda: tally.count() == 32)
+        assert tally.errors == [None] * 32
+        # Not plugged: one send per request.
+        backend.submit_read(0, [memoryview(outs[0])], 4096, tally)
+        backend.submit_read(0, [memoryview(outs[1])], 4096, tally)
+        assert counting.sends == 3
+        poll_until(backend, lambda: tally.count() == 34)
+    finally:
+        backend.close()
+
+
+def test_polled_blocking_calls_from_the_poller_and_a_worker(nbd_server: NbdServer) -> None:
+    """Blocking calls work on the polling thread (nobody else services) and on a worker
+    thread while the poller runs, even while the poller holds a plugged batch."""
+    backend = NbdBackend.connect(nbd_server.uri)
+    try:
+        assert backend.start_polling()
+        data = pattern(65536, 3)
+        backend.write(0, [memoryview(data)], len(data), True)  # on the polling thread
+        out = bytearray(len(data))
+        backend.read(0, [memoryview(out)], len(out))
+        assert out == data
+        backend.flush()
+        mapped, _ = backend.allocation(0)
+        assert mapped
+        # plugged: the blocking call sends the held batch first, then its own command
+        tally = Tally()
+        backend.plug()
+        backend.submit_read(0, [memoryview(bytearray(512))], 512, tally)
+        backend.read(0, [memoryview(out)], 512)
+        backend.unplug()
+        poll_until(backend, lambda: tally.count() == 1)
+
+        results: list[bytes | BaseException] = []
+        stop = threading.Event()
+
+        def worker() -> None:
+            try:
+                for i in range(50):
+                    chunk = pattern(4096, i)
+                    backend.write(MiB + i * 4096, [memoryview(chunk)], 4096)
+                    got = bytearray(4096)
+                    backend.read(MiB + i * 4096, [memoryview(got)], 4096)
+                    results.append(b"ok" if bytes(got) == chunk else b"mismatch")
+                backend.write_zeroes(MiB, 4096)
+            except BaseException as e:
+                results.append(e)
+            finally:
+                stop.set()
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        # The poller keeps its own I/O going meanwhile.
+        tally = Tally()
+        submitted = 0
+        while not stop.is_set():
+            backend.submit_read(2 * MiB, [memoryview(bytearray(4096))], 4096, tally)
+            submitted += 1
+            poll_until(backend, tally.reached(submitted))
+        thread.join(30)
+        assert results == [b"ok"] * 50
+        assert tally.errors == [None] * submitted
+    finally:
+        backend.close()
+
+
+def test_polled_large_writes_and_reads_do_not_deadlock(
+    nbd_server: NbdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """8 x 8 MiB reads and 8 x 8 MiB writes in one plugged batch: far more than the socket
+    buffers hold both ways, sent by the polling thread, which must keep receiving."""
+    backend = NbdBackend.connect(nbd_server.uri)
+    try:
+        assert backend.start_polling()
+        size = 8 * MiB
+        writes = [os.urandom(size) for _ in range(8)]
+        reads = [bytearray(size) for _ in range(8)]
+        waits = 0
+        wait_to_send = NbdConnection._wait_to_send
+
+        def counting_wait(self: NbdConnection, sock: socket.socket) -> bool:
+            nonlocal waits
+            waits += 1
+            return wait_to_send(self, sock)
+
+        monkeypatch.setattr(NbdConnection, "_wait_to_send", counting_wait)
+        tally = Tally()
+        backend.plug()
+        for i in range(8):
+            backend.submit_read(i * size, [memoryview(reads[i])], size, tally)
+        for i, w in enumerate(writes):
+            backend.submit_write(i * size, [memoryview(w)], size, False, tally)
+        backend.unplug()
+        poll_until(backend, lambda: tally.count() == 16, timeout=60)
+        assert tally.errors == [None] * 16
+        assert waits  # the socket did fill up: the send waited (and received meanwhile)
+        out = bytearray(size)
+        backend.read(7 * size, [memoryview(out)], size)
+        assert out == writes[7]
+    finally:
+        backend.close()
+
+
+def test_polled_server_restarted_mid_request(nbdkit_custom: Start) -> None:
+    """A read in flight when the server dies completes after the server comes back; the
+    poll descriptor is None while reconnecting and a new one afterwards."""
+    server = nbdkit_custom("memory", "1M", "rdelay=1", filters=("delay",))
+    backend = NbdBackend.connect(server.uri, reconnect_timeout=20)
+    try:
+        assert backend.start_polling()
+        first = backend.poll_fileno()
+        assert first is not None
+        tally = Tally()
+        backend.submit_read(0, [memoryview(bytearray(512))], 512, tally)
+        poll_until(backend, lambda: True)  # one service round
+        time.sleep(0.2)
+        server.restart()  # kill -9 and start again on the same port
+        poll_until(backend, lambda: tally.count() == 1, timeout=30)
+        assert tally.errors == [None]
+        assert backend.poll_fileno() is not None
+        assert backend._connections[0].generation == 1
+    finally:
+        backend.close()
+
+
+def test_polled_server_gone_is_an_error_not_a_hang(nbdkit_memory: NbdServer) -> None:
+    backend = NbdBackend.connect(nbdkit_memory.uri, reconnect_timeout=1)
+    try:
+        assert backend.start_polling()
+        nbdkit_memory.stop()
+        tally = Tally()
+        start = time.monotonic()
+        backend.submit_read(0, [memoryview(bytearray(512))], 512, tally)
+        poll_until(backend, lambda: tally.count() == 1, timeout=15)
+        error = tally.errors[0]
+        assert error is not None and error.errno == errno.ENOTCONN
+        # and a blocking call is bounded too (it reconnects, fails again)
+        with pytest.raises(BackendError) as info:
+            backend.read(0, [memoryview(bytearray(512))], 512)
+        assert info.value.errno == errno.ENOTCONN
+        assert time.monotonic() - start < 15
+    finally:
+        backend.close()
+
+
+def test_polled_multi_conn_one_descriptor(nbdkit_memory: NbdServer) -> None:
+    backend = NbdBackend.connect(nbdkit_memory.uri, connections=3)
+    try:
+        assert backend.start_polling() and backend.connection_count == 3
+        assert len(backend.poll_filenos()) == 3
+        tally = Tally()
+        outs = [bytearray(4096) for _ in range(12)]
+        for i in range(12):  # round-robin over the three connections
+            backend.write(i * 4096, [memoryview(pattern(4096, i))], 4096)
+        for i, out in enumerate(outs):
+            backend.submit_read(i * 4096, [memoryview(out)], 4096, tally)
+        poll_until(backend, lambda: tally.count() == 12)
+        assert tally.errors == [None] * 12
+        assert [bytes(o) for o in outs] == [pattern(4096, i) for i in range(12)]
     finally:
         backend.close()

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
+import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from scsi_emulation.backend import BackendError
@@ -257,3 +259,295 @@ def test_large_requests_are_split(server: FakeServer) -> None:
     backend.read(0, [memoryview(out)[:5000], memoryview(out)[5000:]], len(out))
     assert out == data and server.requests - before == 4
     backend.close()
+
+
+# -- polled mode ------------------------------------------------------------------------------
+
+
+def poll_until(backend: NbdBackend, finished: Callable[[], bool], timeout: float = 20) -> None:
+    """The daemon's loop on this thread: wait for the poll descriptor, `service`."""
+    deadline = time.monotonic() + timeout
+    while not finished():
+        assert time.monotonic() < deadline, "polled back-end made no progress"
+        fd = backend.poll_fileno()
+        if fd is not None:
+            select.select([fd], [], [], backend.poll_interval)
+        else:
+            time.sleep(backend.poll_interval)
+        backend.service()
+
+
+class Tally:
+    """``done`` callbacks that record errors and the threads they ran on."""
+
+    def __init__(self) -> None:
+        self.errors: list[BackendError | None] = []
+        self.threads: set[int] = set()
+
+    def __call__(self, error: BackendError | None) -> None:
+        self.errors.append(error)
+        self.threads.add(threading.get_ident())
+
+    def count(self) -> int:
+        return len(self.errors)
+
+    def reached(self, n: int) -> Callable[[], bool]:
+        """A `poll_until` condition: ``n`` completions seen."""
+        return lambda: len(self.errors) >= n
+
+
+@contextlib.contextmanager
+def poller(backend: NbdBackend) -> Iterator[None]:
+    """The daemon's polling loop on a thread of its own while the block runs."""
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            fd = backend.poll_fileno()
+            if fd is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    select.select([fd], [], [], 0.02)
+            else:
+                time.sleep(0.02)
+            backend.service()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_polled_queue_depth_32_in_one_batch() -> None:
+    """32 plugged reads are outstanding at the server together and complete on the one
+    polling thread, with no reader thread."""
+    server = FakeServer(batch=32)
+    try:
+        backend = NbdBackend.connect(server.location)
+        assert backend.start_polling()
+        threads_before = threading.active_count()
+        for i in range(32):
+            server.data[i * 512 : (i + 1) * 512] = bytes([i]) * 512
+        outs = [bytearray(512) for _ in range(32)]
+        tally = Tally()
+        backend.plug()
+        for i, out in enumerate(outs):
+            backend.submit_read(i * 512, [memoryview(out)], 512, tally)
+        backend.unplug()
+        poll_until(backend, lambda: tally.count() == 32)
+        assert tally.errors == [None] * 32 and tally.threads == {threading.get_ident()}
+        assert all(out == bytes([i]) * 512 for i, out in enumerate(outs))
+        assert server.max_outstanding == 32
+        assert threading.active_count() == threads_before  # no reader thread started
+        backend.close()
+    finally:
+        server.close()
+
+
+def test_polled_send_receives_while_the_socket_is_full() -> None:
+    """The fake server answers each request before reading the next (blocking sendall):
+    with 8 MiB read replies backed up, our 8 MiB writes only get out if the sender receives
+    while it waits. Without that: no progress until the request timeout, then errors."""
+    size = 8 << 20
+    server = FakeServer(size=8 * size)
+    try:
+        backend = NbdBackend.connect(server.location, request_timeout=10)
+        assert backend.start_polling()
+        writes = [os.urandom(size) for _ in range(4)]
+        for i in range(4, 8):
+            server.data[i * size : (i + 1) * size] = writes[i - 4]
+        reads = [bytearray(size) for _ in range(4)]
+        tally = Tally()
+        for i in range(4):
+            backend.submit_read((i + 4) * size, [memoryview(reads[i])], size, tally)
+        for i in range(4):  # each sent at once (not plugged): the socket fills up
+            backend.submit_write(i * size, [memoryview(writes[i])], size, False, tally)
+        poll_until(backend, lambda: tally.count() == 8, timeout=30)
+        assert tally.errors == [None] * 8
+        assert [bytes(r) for r in reads] == writes
+        assert all(server.data[i * size : (i + 1) * size] == writes[i] for i in range(4))
+        assert server.connections == 1
+        backend.close()
+    finally:
+        server.close()
+
+
+def test_polled_dropped_mid_request_is_resent_after_reconnecting() -> None:
+    server = FakeServer(drop_at=3)
+    try:
+        backend = NbdBackend.connect(server.location, reconnect_timeout=5)
+        assert backend.start_polling()
+        server.data[0:512] = b"z" * 512
+        out = bytearray(512)
+        for _ in range(4):  # blocking calls on the polling thread; the third is resent
+            backend.read(0, [memoryview(out)], 512)
+            assert out == b"z" * 512
+        assert server.connections == 2
+        tally = Tally()
+        backend.submit_read(0, [memoryview(out)], 512, tally)
+        poll_until(backend, lambda: tally.count() == 1)  # the poller found the new socket
+        assert tally.errors == [None]
+        backend.close()
+    finally:
+        server.close()
+
+
+def test_polled_no_reply_times_out_and_gives_up_after_max_attempts() -> None:
+    server = FakeServer(batch=1000)  # holds every reply
+    try:
+        backend = NbdBackend.connect(server.location, request_timeout=0.3, reconnect_timeout=5)
+        assert backend.start_polling()
+        tally = Tally()
+        backend.submit_read(0, [memoryview(bytearray(512))], 512, tally)
+        poll_until(backend, lambda: tally.count() == 1, timeout=15)
+        error = tally.errors[0]
+        assert error is not None and error.errno == errno.EIO and "3 attempts" in str(error)
+        # sent three times; the fourth connection finds it out of attempts
+        assert server.connections == 4
+        backend.close()
+    finally:
+        server.close()
+
+
+def test_polled_server_gone_fails_within_the_bound_then_recovers() -> None:
+    server = FakeServer(drop_at=1)
+    port = server.port
+    backend = NbdBackend.connect(server.location, reconnect_timeout=0.5)
+    assert backend.start_polling()
+    server.close()
+    start = time.monotonic()
+    with pytest.raises(BackendError) as info:
+        backend.read(0, [memoryview(bytearray(512))], 512)
+    assert info.value.errno == errno.ENOTCONN
+    assert time.monotonic() - start < 5
+    assert backend.poll_fileno() is None
+    revived = FakeServer(port=port)
+    try:
+        revived.data[:3] = b"abc"
+        out = bytearray(3)
+        backend.read(0, [memoryview(out)], 3)
+        assert out == b"abc" and backend.poll_fileno() is not None
+    finally:
+        backend.close()
+        revived.close()
+
+
+def test_polled_blocking_calls_from_workers_while_the_poller_runs(server: FakeServer) -> None:
+    backend = NbdBackend.connect(server.location)
+    assert backend.start_polling()
+    failures: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            for i in range(30):
+                data = bytes([n, i]) * 256
+                offset = (n * 30 + i) * 512
+                backend.write(offset, [memoryview(data)], 512, i % 2 == 0)
+                out = bytearray(512)
+                backend.read(offset, [memoryview(out)], 512)
+                assert out == data
+            backend.flush()
+            assert backend.allocation(0) == (True, 1 << 20)
+        except BaseException as e:
+            failures.append(e)
+
+    with poller(backend):
+        workers = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(30)
+    assert failures == []
+    backend.close()
+
+
+def test_polled_close_fails_what_is_outstanding() -> None:
+    server = FakeServer(batch=1000)
+    try:
+        backend = NbdBackend.connect(server.location)
+        assert backend.start_polling()
+        tally = Tally()
+        for _ in range(3):
+            backend.submit_read(0, [memoryview(bytearray(512))], 512, tally)
+        backend.service()
+        backend.close()
+        assert [e.errno if e else None for e in tally.errors] == [errno.ESHUTDOWN] * 3
+        assert backend.poll_fileno() is None
+    finally:
+        server.close()
+
+
+def test_polled_workers_and_poller_share_a_full_socket() -> None:
+    """Worker threads' blocking 1 MiB writes and the poller's batches of 256 KiB reads on
+    one connection to a server that answers before it reads on: senders, leaders and the
+    poller take turns receiving; everything completes and the data is right."""
+    size = 16 << 20
+    server = FakeServer(size=size)
+    try:
+        backend = NbdBackend.connect(server.location, request_timeout=10)
+        assert backend.start_polling()
+        failures: list[BaseException] = []
+
+        def worker(n: int) -> None:
+            try:
+                for i in range(8):
+                    data = os.urandom(1 << 20)
+                    offset = (n * 8 + i) << 20
+                    backend.write(offset, [memoryview(data)], len(data))
+                    out = bytearray(len(data))
+                    backend.read(offset, [memoryview(out)], len(out))
+                    assert out == data
+            except BaseException as e:
+                failures.append(e)
+
+        workers = [threading.Thread(target=worker, args=(n,)) for n in range(2)]
+        for w in workers:
+            w.start()
+        tally = Tally()
+        submitted = 0
+        reads = [bytearray(256 << 10) for _ in range(8)]
+        while any(w.is_alive() for w in workers):
+            backend.plug()
+            for buffer in reads:
+                backend.submit_read(size - len(buffer), [memoryview(buffer)], len(buffer), tally)
+            backend.unplug()
+            submitted += len(reads)
+            poll_until(backend, tally.reached(submitted), timeout=30)
+        for w in workers:
+            w.join()
+        assert failures == []
+        assert tally.errors == [None] * submitted and submitted
+        assert server.connections == 1
+        backend.close()
+    finally:
+        server.close()
+
+
+class DeafServer(FakeServer):
+    """Negotiates, then never reads a request nor answers (until closed)."""
+
+    def _transmit(self, conn: socket.socket) -> None:
+        while not self._stop:
+            time.sleep(0.05)
+
+
+def test_polled_send_to_a_server_that_stops_reading_is_bounded() -> None:
+    """A 16 MiB write cannot leave: the submit gives up after the request timeout, the loss
+    is handed to reconnection, and after max_attempts the write fails: never a hang."""
+    server = DeafServer(size=32 << 20)
+    try:
+        backend = NbdBackend.connect(server.location, request_timeout=0.3, reconnect_timeout=2)
+        assert backend.start_polling()
+        tally = Tally()
+        start = time.monotonic()
+        data = memoryview(bytes(16 << 20))
+        backend.submit_write(0, [data], len(data), False, tally)
+        assert time.monotonic() - start < 2  # the sender gave up within about the timeout
+        poll_until(backend, lambda: tally.count() == 1, timeout=20)
+        error = tally.errors[0]
+        assert error is not None and error.errno == errno.EIO
+        backend.close()
+    finally:
+        server.close()

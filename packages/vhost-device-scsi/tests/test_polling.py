@@ -162,3 +162,27 @@ async def test_a_failing_service_is_logged_and_polling_goes_on(
             nursery.cancel_scope.cancel()
     finally:
         backend.close()
+
+
+async def test_an_idle_back_end_is_still_serviced_every_poll_interval() -> None:
+    """Timeouts need `service` calls even when nothing arrives on the descriptor."""
+    served: list[int] = []
+    backend = _SocketBackend()
+    backend.poll_interval = 0.02
+    poller = BackendPoller(lambda: served.append(1))
+    poller.watch(backend)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(poller.run)
+            await trio.sleep(0.3)
+            assert 5 <= backend.services <= 30, backend.services
+            assert len(served) == backend.services
+            # ...and a reply still wakes it at once after such a tick.
+            backend.submit_read(0, [], 0, lambda e: served.append(-1))
+            backend.server.send(b"\x01")
+            with trio.fail_after(0.015):  # well under the tick
+                while -1 not in served:
+                    await trio.sleep(0.001)
+            nursery.cancel_scope.cancel()
+    finally:
+        backend.close()

@@ -96,6 +96,11 @@ class StorageBackend(ABC):
         """Re-read the size (after the storage was resized outside); return it."""
         return self.size
 
+    def take_size_change(self) -> int | None:
+        """The new size, once, after the storage noticed by itself that it was resized
+        outside (RBD watches its image header); None otherwise. Cheap: callers poll it."""
+        return None
+
     @abstractmethod
     def read(self, offset: int, buffers: Buffers, length: int) -> None:
         """Fill ``buffers`` with ``length`` bytes from ``offset``."""

@@ -30,6 +30,9 @@ __all__ = ["Daemon", "DaemonError"]
 
 logger = logging.getLogger(__name__)
 
+#: How often the storage is asked whether it was resized outside (seconds).
+SIZE_CHECK_INTERVAL = 1.0
+
 
 class DaemonError(Exception):
     """The daemon cannot start (an image cannot be opened...); the message is for the operator."""
@@ -121,6 +124,7 @@ class Daemon:
             await nursery.start(partial(serve, self._new_backend, listen_fd=fd))
             if self.control is not None:
                 await nursery.start(serve_control, self.control, self.handle_command)
+            nursery.start_soon(self._watch_sizes)
             where = self.options.socket_path or f"fd {self.options.socket_fd}"
             logger.info(
                 "serving %d LUN(s) on %s (%d request queue(s)%s)",
@@ -142,6 +146,22 @@ class Daemon:
                 logger.info("%s: shutting down", signal.Signals(signum).name)
                 scope.cancel()
                 return
+
+    async def _watch_sizes(self) -> None:
+        """Announce resizes the storage noticed by itself (an RBD image resized by another
+        client), as the control socket's `resize` does."""
+        while True:
+            await trio.sleep(SIZE_CHECK_INTERVAL)
+            for lun in self.luns.resized_outside():
+                try:
+                    old, new = self.luns.resize(lun)
+                except LunError as exc:  # removed meanwhile
+                    logger.debug("LUN %d: %s", lun, exc)
+                    continue
+                if new != old:
+                    for backend in self.backends:
+                        backend.events.capacity_changed(lun)
+                logger.info("LUN %d resized outside: %d -> %d bytes", lun, old, new)
 
     def _new_backend(self) -> ScsiBackend:
         return ScsiBackend(

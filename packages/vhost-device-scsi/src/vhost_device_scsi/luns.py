@@ -170,6 +170,15 @@ class LunTable:
         device.resize()
         return old, device.backend.size
 
+    def resized_outside(self) -> list[int]:
+        """The LUNs whose storage reported a resize of its own (`take_size_change`): each
+        is reported once per change; `resize` then makes it visible."""
+        return [
+            lun
+            for lun, device in self._devices.items()
+            if device.backend.take_size_change() is not None
+        ]
+
     def describe(self) -> str:
         """`LUN:PATH[:ro]` for every LUN, space separated."""
         return " ".join(

@@ -30,6 +30,9 @@ _STRUCTURED_SIZE = p.STRUCTURED_REPLY.size
 _U32_FROM = p.U32.unpack_from
 _SIMPLE_FROM = p.SIMPLE_REPLY.unpack_from
 _STRUCTURED_FROM = p.STRUCTURED_REPLY.unpack_from
+_U64_FROM = p.U64.unpack_from
+#: A whole-read reply chunk: header, then the 8-byte offset, then the data.
+_DATA_START = _STRUCTURED_SIZE + 8
 
 # Decoder states
 _HEADER = 0  # collecting a reply header (simple: 16 bytes, structured chunk: 20)
@@ -189,6 +192,14 @@ class TransmissionClient:
                     if magic == p.STRUCTURED_REPLY_MAGIC:
                         if self.structured and end - pos >= _STRUCTURED_SIZE:
                             _, flags, kind, cookie, length = _STRUCTURED_FROM(data, pos)
+                            if (
+                                kind == p.REPLY_TYPE_OFFSET_DATA
+                                and flags & p.REPLY_FLAG_DONE
+                                and end - pos >= _STRUCTURED_SIZE + length
+                                and self._whole_read(data, pos, cookie, length, done)
+                            ):
+                                pos += _STRUCTURED_SIZE + length
+                                continue
                             pos += _STRUCTURED_SIZE
                             self._chunk_header(flags, kind, cookie, length, done)
                             continue
@@ -216,6 +227,36 @@ class TransmissionClient:
                 if len(small) == need:
                     self._small_done(small, done)
         return done
+
+    def _whole_read(
+        self, data: memoryview, pos: int, cookie: int, length: int, done: list[Command]
+    ) -> bool:
+        """The common case at any queue depth: one OFFSET_DATA chunk with the DONE flag holds
+        all of a READ's data and lies wholly in ``data``: copy it into the command's buffers
+        and complete it (skipping the chunk state machine). False: not that case (nothing
+        consumed; the general path decides, errors included)."""
+        cmd = self.pending.get(cookie)
+        if (
+            cmd is None
+            or cmd.kind != p.CMD_READ
+            or cmd.received
+            or length - 8 != cmd.length
+            or _U64_FROM(data, pos + _STRUCTURED_SIZE)[0] != cmd.offset
+        ):
+            return False
+        start = pos + _DATA_START
+        buffers = cmd.buffers
+        if len(buffers) == 1 and len(buffers[0]) == cmd.length:
+            buffers[0][:] = data[start : start + cmd.length]
+        else:
+            for view in _slices(buffers, 0, cmd.length):
+                n = len(view)
+                view[:] = data[start : start + n]
+                start += n
+        cmd.received = cmd.length
+        del self.pending[cookie]
+        done.append(cmd)
+        return True
 
     def _consume_dest(self, n: int) -> None:
         self._dest_left -= n

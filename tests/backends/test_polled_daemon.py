@@ -1,0 +1,82 @@
+"""The daemon polls its NBD back-end from its own event loop (`vhost_device_scsi.polling`): the
+load keeps flowing when the NBD server is killed and started again under it.
+
+nbdkit's file plugin serves an image on the host; the project's vhost-user front-end keeps 8
+WRITE(10)s of one pattern in flight for a few seconds while the server is restarted. The
+polled connection must notice the loss, reconnect, resend what was in flight, and the poller
+must follow the new socket: every command completes with GOOD and the image holds nothing but
+whole blocks of the pattern (or blocks never written).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+from collections.abc import Callable
+
+import pytest
+import trio
+
+from tests.backends.queue_depth_guest import LoadResult, QueueDepthGuest
+from tests.backends.servers import NbdServer
+from tests.e2e.daemon import RunningDaemon
+
+pytestmark = pytest.mark.backends
+
+IMAGE = 16 << 20
+BLOCKS = 8  # 4 KiB per command
+PATTERN = bytes(range(1, 256)) * 17  # 4335 bytes, so each block's content depends on where
+
+
+async def test_load_survives_an_nbd_server_restart(
+    nbdkit_custom: Callable[..., NbdServer], tmp_path: pathlib.Path
+) -> None:
+    image = tmp_path / "disk.raw"
+    with image.open("wb") as f:
+        f.truncate(IMAGE)
+    server = nbdkit_custom("file", str(image))
+    socket = tmp_path / "vds.sock"
+    argv = [
+        sys.executable, "-m", "vhost_device_scsi", "--socket-path", str(socket),
+        "--log-level", "info", "--control-socket", "none", server.uri,
+    ]  # fmt: skip
+    daemon = RunningDaemon(argv, socket, tmp_path / "daemon.log")
+    data_size = BLOCKS * 512
+    payload = (PATTERN * (data_size // len(PATTERN) + 1))[:data_size]
+    with daemon:
+        guest = await QueueDepthGuest.connect(str(socket))
+        try:
+            await guest.clear_unit_attention()
+            for slot in range(8):  # every command writes the same 4 KiB
+                _, _, data = guest._slot(slot, data_size)
+                guest.memory.memory.slice(data, data_size)[:] = payload
+            results: list[LoadResult] = []
+
+            async def load() -> None:
+                results.append(
+                    await guest.keep_in_flight(
+                        8, 3.0, write=True, blocks=BLOCKS, span_blocks=IMAGE // 512
+                    )
+                )
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(load)
+                await trio.sleep(0.7)
+                await trio.to_thread.run_sync(server.restart)
+            (result,) = results
+        finally:
+            await guest.aclose()
+    log = daemon.log()
+    print(f"\n{result.completed} writes in {result.seconds:.1f} s across the restart")
+    assert result.failed == 0, (result, log)
+    assert result.completed > 8, (result, log)
+    assert "connection lost" in log and "reconnected" in log, log
+    assert "Traceback" not in log, log
+    content = image.read_bytes()
+    assert content[:data_size] == payload
+    written = 0
+    for start in range(0, IMAGE, data_size):
+        block = content[start : start + data_size]
+        assert block in (payload, bytes(data_size)), f"torn block at {start}"
+        written += block == payload
+    assert written >= min(result.completed, IMAGE // data_size) // 2, (written, result)
