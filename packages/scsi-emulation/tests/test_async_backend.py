@@ -570,3 +570,42 @@ def test_abort_and_reset_wait_for_submitted_requests(
     assert len(done.responses) == 1  # completed (posted) before the TMF answered
     # With nothing in flight a TMF answers at once.
     assert target.task_management(function, 0, tag=9) == TmfResponse.FUNCTION_COMPLETE
+
+
+@pytest.mark.parametrize(
+    "op", [Opcode.READ_10, Opcode.READ_12, Opcode.READ_16, Opcode.WRITE_10, Opcode.WRITE_12,
+           Opcode.WRITE_16],
+)  # fmt: skip
+def test_protect_fields_are_refused_before_submission(make: Callable[..., Made], op: int) -> None:
+    """RDPROTECT/WRPROTECT without protection information: INVALID FIELD IN CDB (SBC-4 4.22)."""
+    target, _, backend = make(HOLD)
+    writing = op in (Opcode.WRITE_10, Opcode.WRITE_12, Opcode.WRITE_16)
+    data = {"data_out": bytes(BLOCK)} if writing else {"data_in": BLOCK}
+    r = run_command(target, cdb(op, 1, 1, protect=1), **data)
+    assert r.sense is not None
+    assert (r.sense.key, r.sense.code) == (SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB)
+    assert backend.submitted == []
+
+
+def test_six_byte_commands_with_length_zero_move_256_blocks(make: Callable[..., Made]) -> None:
+    """READ(6)/WRITE(6): a transfer length of 0 means 256 blocks (SBC-4 5.16, 5.48)."""
+    target, _, backend = make(INLINE)
+    data = pattern(256 * BLOCK, 7)
+    raw_write = bytes([Opcode.WRITE_6, 0, 0, 0, 0, 0])
+    assert run_command(target, raw_write, data_out=data).status == Status.GOOD
+    raw_read = bytes([Opcode.READ_6, 0, 0, 0, 0, 0])
+    r = run_command(target, raw_read, data_in=256 * BLOCK)
+    assert r.status == Status.GOOD and r.data == data
+    assert [(s.kind, s.length, s.durable) for s in backend.submitted] == [
+        ("write", 256 * BLOCK, False),
+        ("read", 256 * BLOCK, False),
+    ]
+
+
+def test_fua_on_each_write_cdb_makes_it_durable(make: Callable[..., Made]) -> None:
+    target, _, backend = make(INLINE)
+    for op in (Opcode.WRITE_10, Opcode.WRITE_12, Opcode.WRITE_16):
+        for fua in (False, True):
+            r = run_command(target, cdb(op, 2, 1, fua=fua), data_out=bytes(BLOCK))
+            assert r.status == Status.GOOD
+    assert [s.durable for s in backend.submitted] == [False, True] * 3

@@ -113,7 +113,6 @@ _SHORT_DATA_OUT = CommandError(
     SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_COMMAND_INFORMATION_UNIT
 )
 _PROTECT_FIELD = invalid_field_in_cdb(1, 7)  # RDPROTECT/WRPROTECT without protection info
-_READS = frozenset((Opcode.READ_6, Opcode.READ_10, Opcode.READ_12, Opcode.READ_16))
 _INTERNAL_FAILURE = CommandError(SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE)
 #: Read-modify-write commands: atomic, so no submitted write may land in the middle.
 _WAIT_FOR_IN_FLIGHT = frozenset((Opcode.COMPARE_AND_WRITE, Opcode.ORWRITE_16))
@@ -326,7 +325,10 @@ class BlockDevice(LogicalUnit):
         #: An asynchronous back-end may send a batch's requests together (`begin_batch`).
         self.batches = self.asynchronous
         self._in_flight = 0  # submitted requests whose completion has not finished
-        self._idle = threading.Condition(threading.Lock())
+        # The hot path takes the lock itself (a Condition's own `with` is two Python-level
+        # calls per use); only waiting and notifying go through the Condition.
+        self._idle_lock = threading.Lock()
+        self._idle = threading.Condition(self._idle_lock)
         # Reads try the page cache without blocking only where that can work; the pool then
         # finishes the misses. An asynchronous back-end needs no pool: it has many requests
         # in flight by itself.
@@ -400,11 +402,18 @@ class BlockDevice(LogicalUnit):
         }
         if self.asynchronous:
             # Chosen here, once, so that the local hot path pays nothing for it: READ/WRITE
-            # submit (their CDBs decoded generically: the network round trip dwarfs that).
-            for opcode in hot:
-                hot[opcode] = (
-                    self._submit_read_command if opcode in _READS else self._submit_write_command
-                )
+            # submit. With the back-end polled on the caller's thread, this decode is on the
+            # critical path as much as the local one is: the same one-unpack decoders.
+            hot = {
+                Opcode.READ_6: self._submit_read6,
+                Opcode.READ_10: self._submit_read10,
+                Opcode.READ_12: self._submit_read12,
+                Opcode.READ_16: self._submit_read16,
+                Opcode.WRITE_6: self._submit_write6,
+                Opcode.WRITE_10: self._submit_write10,
+                Opcode.WRITE_12: self._submit_write12,
+                Opcode.WRITE_16: self._submit_write16,
+            }
         for opcode, handler in hot.items():
             handlers[opcode] = handler
         if self.asynchronous:
@@ -683,12 +692,12 @@ class BlockDevice(LogicalUnit):
     # -- asynchronous back-ends: submit, complete later ---------------------------------
 
     def _request_started(self) -> None:
-        with self._idle:
+        with self._idle_lock:
             self._in_flight += 1
 
     def request_finished(self) -> None:
         """A submitted request has delivered its response (called by its completion)."""
-        with self._idle:
+        with self._idle_lock:
             self._in_flight -= 1
             if not self._in_flight:
                 self._idle.notify_all()
@@ -761,19 +770,49 @@ class BlockDevice(LogicalUnit):
             raise _INTERNAL_FAILURE from e
         return job.started()
 
-    def _submit_read_command(self, request: Request, complete: Completion) -> Response | None:
-        """READ(6/10/12/16) on an asynchronous back-end."""
-        c = decode_block_cdb(request.cdb)
-        if c.protect:  # RDPROTECT without protection information (SBC-4 4.22)
-            raise _PROTECT_FIELD
-        return self.submit_read(request, complete, c.lba, c.length)
+    def _submit_read6(self, request: Request, complete: Completion) -> Response | None:
+        hi, lo, n = _CDB6.unpack_from(request.cdb)
+        return self.submit_read(request, complete, ((hi & 0x1F) << 16) | lo, n or 256)
 
-    def _submit_write_command(self, request: Request, complete: Completion) -> Response | None:
-        """WRITE(6/10/12/16) on an asynchronous back-end."""
-        c = decode_block_cdb(request.cdb)
-        if c.protect:  # WRPROTECT without protection information (SBC-4 4.22)
+    def _submit_read10(self, request: Request, complete: Completion) -> Response | None:
+        flags, lba, n = _CDB10.unpack_from(request.cdb)
+        if flags & 0xE0:  # RDPROTECT without protection information (SBC-4 4.22)
             raise _PROTECT_FIELD
-        return self.submit_write(request, complete, c.lba, c.length, c.fua)
+        return self.submit_read(request, complete, lba, n)
+
+    def _submit_read12(self, request: Request, complete: Completion) -> Response | None:
+        flags, lba, n = _CDB12.unpack_from(request.cdb)
+        if flags & 0xE0:
+            raise _PROTECT_FIELD
+        return self.submit_read(request, complete, lba, n)
+
+    def _submit_read16(self, request: Request, complete: Completion) -> Response | None:
+        flags, lba, n = _CDB16.unpack_from(request.cdb)
+        if flags & 0xE0:
+            raise _PROTECT_FIELD
+        return self.submit_read(request, complete, lba, n)
+
+    def _submit_write6(self, request: Request, complete: Completion) -> Response | None:
+        hi, lo, n = _CDB6.unpack_from(request.cdb)
+        return self.submit_write(request, complete, ((hi & 0x1F) << 16) | lo, n or 256, False)
+
+    def _submit_write10(self, request: Request, complete: Completion) -> Response | None:
+        flags, lba, n = _CDB10.unpack_from(request.cdb)
+        if flags & 0xE0:  # WRPROTECT without protection information (SBC-4 4.22)
+            raise _PROTECT_FIELD
+        return self.submit_write(request, complete, lba, n, bool(flags & 0x08))
+
+    def _submit_write12(self, request: Request, complete: Completion) -> Response | None:
+        flags, lba, n = _CDB12.unpack_from(request.cdb)
+        if flags & 0xE0:
+            raise _PROTECT_FIELD
+        return self.submit_write(request, complete, lba, n, bool(flags & 0x08))
+
+    def _submit_write16(self, request: Request, complete: Completion) -> Response | None:
+        flags, lba, n = _CDB16.unpack_from(request.cdb)
+        if flags & 0xE0:
+            raise _PROTECT_FIELD
+        return self.submit_write(request, complete, lba, n, bool(flags & 0x08))
 
     def submit_read(
         self, request: Request, complete: Completion, lba: int, n: int
