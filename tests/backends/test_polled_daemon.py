@@ -80,3 +80,47 @@ async def test_load_survives_an_nbd_server_restart(
         assert block in (payload, bytes(data_size)), f"torn block at {start}"
         written += block == payload
     assert written >= min(result.completed, IMAGE // data_size) // 2, (written, result)
+
+
+async def test_nbd_lun_hot_plugged_and_removed_under_load(
+    nbdkit_custom: Callable[..., NbdServer], tmp_path: pathlib.Path
+) -> None:
+    """A polled back-end attached and detached at run time (control socket): I/O on the new LU
+    completes, removing it while the guest is idle leaves the daemon healthy, and the same
+    export can be plugged in again."""
+    from vhost_device_scsi.control import send_command
+
+    server = nbdkit_custom("memory", "64M")
+    first = tmp_path / "first.img"
+    with first.open("wb") as f:
+        f.truncate(IMAGE)
+    socket = tmp_path / "vds.sock"
+    control = tmp_path / "control.sock"
+    argv = [
+        sys.executable, "-m", "vhost_device_scsi", "--socket-path", str(socket),
+        "--log-level", "info", "--control-socket", str(control), str(first),
+    ]  # fmt: skip
+    daemon = RunningDaemon(argv, socket, tmp_path / "daemon.log")
+
+    async def command(line: str) -> str:
+        return await trio.to_thread.run_sync(send_command, str(control), line)
+
+    with daemon:
+        guest = await QueueDepthGuest.connect(str(socket))
+        try:
+            await guest.clear_unit_attention()
+            for _ in range(2):  # plug, load, unplug; twice
+                assert (await command("remove-lun 0")).startswith("ok"), daemon.log()
+                assert (await command(f"add-lun 0 {server.uri}")).startswith("ok"), daemon.log()
+                await guest.clear_unit_attention()
+                wrote = await guest.keep_in_flight(16, 0.5, write=True)
+                read = await guest.keep_in_flight(16, 0.5)
+                assert wrote.failed == 0 and read.failed == 0, (wrote, read, daemon.log())
+                assert wrote.completed > 16 and read.completed > 16, (wrote, read)
+                assert (await command("remove-lun 0")).startswith("ok"), daemon.log()
+                assert (await command(f"add-lun 0 {first}")).startswith("ok"), daemon.log()
+                await guest.clear_unit_attention()
+        finally:
+            await guest.aclose()
+    log = daemon.log()
+    assert "Traceback" not in log and "servicing the storage back-end failed" not in log, log

@@ -68,6 +68,12 @@ class DriverQueue:
         self._used = memory.slice(layout.used_addr, used_ring_size(self.size))
         for area in (self._desc, self._avail, self._used):
             area[:] = bytes(len(area))
+        # Fields the device may read while we store them (avail idx, flags, used_event) are
+        # written as one native 16-bit store through this view: struct.pack_into zero-fills
+        # first, and a device that reads an avail idx of 0 mid-store sees a broken ring (the
+        # device side does the same for used idx; see queue.py).
+        self._avail16 = self._avail.cast("H")
+        self._used_event16 = used_event_offset(self.size) >> 1
         LE16.pack_into(self._avail, 2, start_index)
         LE16.pack_into(self._used, 2, start_index)
         LE16.pack_into(self._avail, used_event_offset(self.size), start_index)
@@ -154,7 +160,7 @@ class DriverQueue:
     def publish(self) -> bool:
         """Publish the avail idx; True if the device asked to be kicked for it (2.7.7, 2.7.10)."""
         old, new = self._published, self.avail_idx
-        LE16.pack_into(self._avail, 2, new)
+        self._avail16[1] = new
         self._published = new
         memory_barrier()
         if self.event_idx:
@@ -166,17 +172,17 @@ class DriverQueue:
     def set_avail_idx(self, value: int) -> None:
         """Write a raw avail idx (for hostile-driver tests)."""
         self.avail_idx = self._published = value & 0xFFFF
-        LE16.pack_into(self._avail, 2, self.avail_idx)
+        self._avail16[1] = self.avail_idx
 
     # -- interrupt suppression ---------------------------------------------------------------
 
     def set_used_event(self, value: int) -> None:
         """Ask for an interrupt once the used idx moves past ``value`` (EVENT_IDX)."""
-        LE16.pack_into(self._avail, used_event_offset(self.size), value & 0xFFFF)
+        self._avail16[self._used_event16] = value & 0xFFFF
 
     def set_no_interrupt(self, suppress: bool) -> None:
         """Set or clear VIRTQ_AVAIL_F_NO_INTERRUPT (without EVENT_IDX)."""
-        LE16.pack_into(self._avail, 0, VIRTQ_AVAIL_F_NO_INTERRUPT if suppress else 0)
+        self._avail16[0] = VIRTQ_AVAIL_F_NO_INTERRUPT if suppress else 0
 
     # -- the used ring -----------------------------------------------------------------------
 
