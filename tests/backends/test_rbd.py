@@ -481,3 +481,10 @@ async def test_daemon_polls_rbd_at_queue_depth_32(image: str, tmp_path: pathlib.
         assert content == payload * (span // BLOCK)
     finally:
         backend.close()
+
+
+def test_aio_is_dispatched_on_the_calling_thread(rbd_conf: pathlib.Path) -> None:
+    """rbd_non_blocking_aio=false: no librbd thread hop per request from the event loop."""
+    with librbd.Cluster(librbd.ClusterSettings(conf=str(rbd_conf))) as cluster:
+        assert cluster.conf_get("rbd_non_blocking_aio") == "false"
+        assert cluster.conf_get("rados_osd_op_timeout") == "30"  # the bounds set with it
