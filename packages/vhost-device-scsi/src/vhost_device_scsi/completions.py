@@ -31,7 +31,7 @@ from typing import Generic, TypeVar
 # trio 0.22 ships no type information; newer trio does.
 import trio
 
-__all__ = ["CompletionChannel", "deferred_wakeups"]
+__all__ = ["CompletionChannel", "deferral", "deferred_wakeups"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,19 +51,20 @@ class _Deferral:
         self.thread = 0
 
 
-_deferral = _Deferral()
+#: Public to the poller, which sets it inline on its hot path (see `deferred_wakeups`).
+deferral = _Deferral()
 
 
 @contextlib.contextmanager
 def deferred_wakeups() -> Iterator[None]:
     """Inside it, posts from this thread skip the eventfd: the caller must drain every channel
     it may have posted to before it next waits (items posted here wake nobody)."""
-    previous = _deferral.thread
-    _deferral.thread = _get_ident()
+    previous = deferral.thread
+    deferral.thread = _get_ident()
     try:
         yield
     finally:
-        _deferral.thread = previous
+        deferral.thread = previous
 
 
 class CompletionChannel(Generic[T, R]):
@@ -86,7 +87,7 @@ class CompletionChannel(Generic[T, R]):
                 return
             items = self._items
             items.append((item, result))
-            if _deferral.thread == _get_ident():
+            if deferral.thread == _get_ident():
                 return  # the owner itself, about to drain (`deferred_wakeups`)
             # More than one item: an earlier post found the deque empty and woke the owner,
             # who has not drained that item yet, so it drains this one too (posts are
