@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from xml.sax.saxutils import quoteattr
@@ -101,9 +101,16 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float 
 
 
 def run_suite(
-    logs_dir: str | None = None, timeout: float = 600.0
+    logs_dir: str | None = None,
+    timeout: float = 600.0,
+    *,
+    profiles: Sequence[Profile] = PROFILES,
+    location: Callable[[Profile], str] | None = None,
 ) -> tuple[dict[str, Outcome], dict[str, dict[str, Outcome]]]:
-    """Run every profile; return the merged outcomes and the outcomes per profile."""
+    """Run ``profiles``; return the merged outcomes and the outcomes per profile.
+
+    Each profile's LU is a fresh sparse image file, or what ``location(profile)`` names (any
+    storage location the target accepts: ``nbd://...``, ``rbd:...``)."""
     tool = tool_path()
     if tool is None:
         raise FileNotFoundError(f"{TOOL} not found (apt-get install libiscsi-bin)")
@@ -111,10 +118,13 @@ def run_suite(
         logs = logs_dir or work
         os.makedirs(logs, exist_ok=True)
         images = []
-        for lun, profile in enumerate(PROFILES):
-            path = os.path.join(work, f"{profile.name}.img")
-            with open(path, "wb") as image:
-                image.truncate(IMAGE_SIZE)
+        for lun, profile in enumerate(profiles):
+            if location is not None:
+                path = location(profile)
+            else:
+                path = os.path.join(work, f"{profile.name}.img")
+                with open(path, "wb") as image:
+                    image.truncate(IMAGE_SIZE)
             images.append(f"{lun}={path}{profile.lun_options}")
         port = _free_port()
         command = [sys.executable, "-m", "iscsi_target.cli", "--listen", f"127.0.0.1:{port}"]
@@ -125,7 +135,7 @@ def run_suite(
                 _wait_listening(port, target)
                 per_profile = {
                     profile.name: _run_profile(tool, port, lun, profile, logs, timeout)
-                    for lun, profile in enumerate(PROFILES)
+                    for lun, profile in enumerate(profiles)
                 }
             finally:
                 target.terminate()
