@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -75,11 +76,17 @@ osd max object namespace len = 64
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct ports free right now (all held at once while they are picked, so two
+    picks cannot return the same port)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def ceph_down(root: pathlib.Path) -> None:
@@ -106,13 +113,29 @@ def start_ceph(root: pathlib.Path, *, memstore_bytes: int = 1 << 30) -> pathlib.
     """Bring a cluster up in the empty directory ``root`` with pool ``rbd``; returns ceph.conf.
 
     Raises CephStartError (after stopping whatever started) if a step fails. The caller stops
-    the cluster with ``ceph_down(root)``.
+    the cluster with ``ceph_down(root)``. A monitor port taken between picking it and binding
+    it (the machine is busy with other tests' connections) is retried with new ports, twice.
     """
+    for attempt in range(3):
+        try:
+            return _start_once(root, memstore_bytes)
+        except CephStartError as exc:
+            if "Address already in use" not in str(exc) or attempt == 2:
+                raise
+        for child in root.iterdir():  # start again from an empty directory
+            if child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink()
+    raise AssertionError("unreachable")
+
+
+def _start_once(root: pathlib.Path, memstore_bytes: int) -> pathlib.Path:
     for sub in ("mon.a", "osd.0", "run", "log", "crash"):
         (root / sub).mkdir()
     conf = root / "ceph.conf"
     fsid = str(uuid.uuid4())
-    v2, v1 = _free_port(), _free_port()
+    v2, v1 = _free_ports(2)
     conf.write_text(
         CEPH_CONF.format(fsid=fsid, v2=v2, v1=v1, dir=root, memstore_bytes=memstore_bytes)
     )
