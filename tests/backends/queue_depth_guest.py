@@ -57,6 +57,8 @@ class QueueDepthGuest:
         self.frontend = frontend
         self.memory = memory
         self.queue: FrontendQueue = frontend.queues[_REQUEST_QUEUE]
+        #: The LUN commands go to (target 0).
+        self.lun = 0
 
     @classmethod
     async def connect(cls, socket_path: str, *, queue_size: int = 256) -> QueueDepthGuest:
@@ -95,7 +97,7 @@ class QueueDepthGuest:
         req, resp, data = self._slot(index, data_size)
         mem = self.memory.memory
         header = mem.slice(req, REQ_SIZE)
-        vs.CMD_REQ_HEADER.pack_into(header, 0, vs.encode_virtio_lun(0, 0), tag, 0, 0, 0)
+        vs.CMD_REQ_HEADER.pack_into(header, 0, vs.encode_virtio_lun(0, self.lun), tag, 0, 0, 0)
         header[vs.CMD_REQ_HEADER.size :] = cdb.ljust(vs.CDB_DEFAULT_SIZE, b"\0")
         mem.slice(resp, RESP_SIZE)[: vs.CMD_RESP_HEADER.size] = bytes(vs.CMD_RESP_HEADER.size)
         if data_size == 0:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import pytest
 import trio
 
-from tests.backends.queue_depth_guest import LoadResult, QueueDepthGuest
+from tests.backends.queue_depth_guest import RW10, LoadResult, QueueDepthGuest
 from tests.backends.servers import NbdServer
 from tests.e2e.daemon import RunningDaemon
 
@@ -124,3 +124,57 @@ async def test_nbd_lun_hot_plugged_and_removed_under_load(
             await guest.aclose()
     log = daemon.log()
     assert "Traceback" not in log and "servicing the storage back-end failed" not in log, log
+
+
+async def test_an_nbd_server_gone_for_good_fails_its_commands_and_nothing_else(
+    nbdkit_custom: Callable[..., NbdServer], tmp_path: pathlib.Path
+) -> None:
+    """Issue 8: a lost connection is retried with a bound and reported. While the polled NBD
+    LU reconnects in vain, a file LU on the same queue keeps serving; then the NBD command ends
+    in CHECK CONDITION / MEDIUM ERROR (not a hang), and the log says why."""
+    server = nbdkit_custom("memory", "64M")
+    local = tmp_path / "local.img"
+    with local.open("wb") as f:
+        f.truncate(IMAGE)
+    socket = tmp_path / "vds.sock"
+    argv = [
+        sys.executable, "-m", "vhost_device_scsi", "--socket-path", str(socket),
+        "--log-level", "info", "--control-socket", "none", f"0={local}", f"1={server.uri}",
+    ]  # fmt: skip
+    daemon = RunningDaemon(argv, socket, tmp_path / "daemon.log")
+    with daemon:
+        guest = await QueueDepthGuest.connect(str(socket))
+        try:
+            for lun in (0, 1):
+                guest.lun = lun
+                await guest.clear_unit_attention()
+            await trio.to_thread.run_sync(server.stop)
+            # One READ(10) to the NBD LU, in slot 40 (clear of the load's slots).
+            guest.lun = 1
+            nbd_head = guest._put_request(40, RW10.pack(0x28, 0, 0, 0, 8, 0), 4096, False, 999)
+            guest.queue.submit()
+            guest.lun = 0
+            start = trio.current_time()
+            local_load = await guest.keep_in_flight(4, 1.0, span_blocks=IMAGE // 512)
+            assert local_load.failed == 0 and local_load.completed > 50, local_load
+            # The NBD command was among the used elements the load collected only if it had
+            # already failed; otherwise it arrives now, within the reconnection bound (10 s).
+            with trio.fail_after(30):
+                while True:
+                    (elem,) = await guest.queue.wait_used(1)
+                    if elem.id == nbd_head:
+                        break
+            took = trio.current_time() - start
+            assert not guest._succeeded(40, 4096)
+            _, resp, _ = guest._slot(40, 4096)
+            header = bytes(guest.memory.memory.slice(resp, 32))
+        finally:
+            await guest.aclose()
+    log = daemon.log()
+    # virtio_scsi_cmd_resp: status CHECK CONDITION (byte 10), fixed sense from byte 12 with
+    # MEDIUM ERROR / UNRECOVERED READ ERROR (11h).
+    assert header[10] == 0x02, header.hex()
+    assert header[12 + 2] & 0x0F == 0x03 and header[12 + 12] == 0x11, header.hex()
+    print(f"\nthe NBD command failed after {took:.1f} s; the file LU served meanwhile")
+    assert "cannot reconnect" in log, log
+    assert "Traceback" not in log, log
