@@ -52,6 +52,7 @@ _host_vu_bench = _sibling("host_vu_bench")
 _ceph = _load(ROOT / "tests" / "backends" / "ceph.py")
 build_vu_bench: Callable[[], pathlib.Path | None] = _host_vu_bench.build_vu_bench
 stop: Callable[[subprocess.Popen[bytes]], None] = _host_vu_bench.stop
+own_rss_kib: Callable[[int], int] = _host_vu_bench.own_rss_kib
 wait_socket: Callable[..., None] = _host_vu_bench.wait_socket
 MiB = 1 << 20
 SPAN_MB = 256
@@ -195,7 +196,23 @@ def drive(
         args += ["--qd", str(qd), "--seconds", str(seconds), "--span-mb", str(SPAN_MB)]
         if write:
             args.append("--write")
-        out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60)
+        bench_proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        # The daemon's own memory (RssAnon + RssFile: not the shared guest RAM), sampled
+        # while it works: it must stay small and flat under load.
+        samples: list[int] = []
+        deadline = time.monotonic() + seconds + 60
+        while bench_proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                samples.append(own_rss_kib(proc.pid))
+            time.sleep(0.5)
+        try:
+            stdout, stderr = bench_proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            bench_proc.kill()
+            raise
+        out = subprocess.CompletedProcess(args, bench_proc.returncode, stdout, stderr)
         line = out.stdout.strip() or out.stderr.strip()
         figures = dict(re.findall(r"(\w+)=([\d.]+)", line))
         errors = int(figures.get("errors", "0"))
@@ -203,7 +220,11 @@ def drive(
         if out.returncode not in (0, 3) or "iops" not in figures or errors > 1:
             print(f"  vu-bench failed (rc={out.returncode}): {line}")
             return {}
-        return {"iops": float(figures["iops"]), "us": float(figures["backend_us_per_req"])}
+        result = {"iops": float(figures["iops"]), "us": float(figures["backend_us_per_req"])}
+        if samples:
+            result["rss_min"] = min(samples) / 1024
+            result["rss_max"] = max(samples) / 1024
+        return result
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         print(f"  {cmd[0]}: {exc}")
         return {}
@@ -255,9 +276,14 @@ def bench(
                     r = drive(vu_bench, cmd, env, sock, btype, qd, write, seconds)
                     if r:
                         results.setdefault((name, qd, write), []).append(r)
+                        rss = (
+                            f"  RSS {r['rss_min']:.1f}-{r['rss_max']:.1f} MB"
+                            if "rss_max" in r
+                            else ""
+                        )
                         print(
                             f"  {name:<5} {'write' if write else 'read':<5} qd={qd:<3}"
-                            f" {r['iops']:>9,.0f} IOPS {r['us']:7.2f} us/req",
+                            f" {r['iops']:>9,.0f} IOPS {r['us']:7.2f} us/req{rss}",
                             flush=True,
                         )
     finally:
@@ -283,6 +309,10 @@ def bench(
             print(f"{fmt(iops, ',.0f'):>11}{fmt(us, '.2f'):>13}", end="")
         q, o = med("qsd", qd, write, "iops"), med("ours", qd, write, "iops")
         print(f"{fmt(o / q if o and q else None, '.2f'):>10}")
+    ours_rss = [r[k] for (n, *_), rs in results.items() if n == "ours" for r in rs
+                for k in ("rss_min", "rss_max") if k in r]  # fmt: skip
+    if ours_rss:
+        print(f"our daemon's RSS without guest RAM: {min(ours_rss):.1f}-{max(ours_rss):.1f} MB")
     print()
 
 
