@@ -186,3 +186,29 @@ async def test_an_idle_back_end_is_still_serviced_every_poll_interval() -> None:
             nursery.cancel_scope.cancel()
     finally:
         backend.close()
+
+
+async def test_a_failing_on_serviced_is_logged_and_polling_goes_on() -> None:
+    calls: list[int] = []
+
+    def on_serviced() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("a completion that cannot be written")
+
+    backend = _SocketBackend()
+    poller = BackendPoller(on_serviced)
+    poller.watch(backend)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(poller.run)
+            for _ in range(2):
+                backend.submit_read(0, [], 0, lambda e: None)
+                backend.server.send(b"\x01")
+                with trio.fail_after(5):
+                    while backend.waiting:
+                        await trio.sleep(0.001)
+            assert len(calls) >= 2  # the task survived the first failure
+            nursery.cancel_scope.cancel()
+    finally:
+        backend.close()

@@ -136,4 +136,9 @@ class BackendPoller:
                     logger.exception("servicing the storage back-end failed")
                 finally:
                     deferral.thread = 0
-                on_serviced()
+                try:
+                    on_serviced()
+                except Exception:
+                    # Same rule: one bad completion must not stop every later one (the
+                    # daemon's serve nursery would end with this task).
+                    logger.exception("finishing completions of a polled back-end failed")
