@@ -70,6 +70,82 @@ _CDB10 = struct.Struct(">xBIxH")  # flags, LBA, TRANSFER LENGTH
 _CDB12 = struct.Struct(">xBII")
 _CDB16 = struct.Struct(">xBQI")
 
+
+ReadCall = Callable[[Request, Completion, int, int], "Response | None"]
+WriteCall = Callable[[Request, int, int, bool], Response]
+SubmitWriteCall = Callable[[Request, Completion, int, int, bool], "Response | None"]
+
+
+def _rw_handlers(
+    read: ReadCall,
+    *,
+    write: WriteCall | None = None,
+    submit_write: SubmitWriteCall | None = None,
+) -> dict[int, Handler]:
+    """The hot path's READ/WRITE(6/10/12/16) handlers: one unpack per CDB, then ``read`` and
+    ``write`` (local storage) or ``submit_write`` (an asynchronous back-end; ``read`` is then
+    its submit_read). Closures, so that a command costs no attribute look-up beyond them.
+
+    READ(6)/WRITE(6): a transfer length of 0 means 256 blocks, no FUA (SBC-4 5.16, 5.48);
+    the others refuse RDPROTECT/WRPROTECT, protection information is not offered (4.22).
+    """
+
+    def read6(request: Request, complete: Completion) -> Response | None:
+        hi, lo, n = _CDB6.unpack_from(request.cdb)
+        return read(request, complete, ((hi & 0x1F) << 16) | lo, n or 256)
+
+    def reader(layout: struct.Struct) -> Handler:
+        unpack = layout.unpack_from
+
+        def read_n(request: Request, complete: Completion) -> Response | None:
+            flags, lba, n = unpack(request.cdb)
+            if flags & 0xE0:
+                raise _PROTECT_FIELD
+            return read(request, complete, lba, n)
+
+        return read_n
+
+    def writer(layout: struct.Struct) -> Handler:
+        unpack = layout.unpack_from
+        if submit_write is not None:
+
+            def submit_n(request: Request, complete: Completion) -> Response | None:
+                flags, lba, n = unpack(request.cdb)
+                if flags & 0xE0:
+                    raise _PROTECT_FIELD
+                return submit_write(request, complete, lba, n, bool(flags & 0x08))
+
+            return submit_n
+        assert write is not None
+
+        def write_n(request: Request, complete: Completion) -> Response | None:
+            flags, lba, n = unpack(request.cdb)
+            if flags & 0xE0:
+                raise _PROTECT_FIELD
+            return write(request, lba, n, bool(flags & 0x08))
+
+        return write_n
+
+    def write6(request: Request, complete: Completion) -> Response | None:
+        hi, lo, n = _CDB6.unpack_from(request.cdb)
+        lba = ((hi & 0x1F) << 16) | lo
+        if submit_write is not None:
+            return submit_write(request, complete, lba, n or 256, False)
+        assert write is not None
+        return write(request, lba, n or 256, False)
+
+    return {
+        Opcode.READ_6: read6,
+        Opcode.READ_10: reader(_CDB10),
+        Opcode.READ_12: reader(_CDB12),
+        Opcode.READ_16: reader(_CDB16),
+        Opcode.WRITE_6: write6,
+        Opcode.WRITE_10: writer(_CDB10),
+        Opcode.WRITE_12: writer(_CDB12),
+        Opcode.WRITE_16: writer(_CDB16),
+    }
+
+
 _RESERVATION_CONFLICT = Response(Status.RESERVATION_CONFLICT)
 
 # Commands a unit attention does not interrupt (SAM-5 5.14): they run and leave it pending.
@@ -390,30 +466,12 @@ class BlockDevice(LogicalUnit):
                 by_opcode.setdefault(info.opcode, {})[info.service_action] = handler
         for opcode, actions in by_opcode.items():
             handlers[opcode] = functools.partial(self._by_service_action, actions)
-        hot: dict[int, Handler] = {
-            Opcode.READ_6: self._read6,
-            Opcode.READ_10: self._read10,
-            Opcode.READ_12: self._read12,
-            Opcode.READ_16: self._read16,
-            Opcode.WRITE_6: self._write6,
-            Opcode.WRITE_10: self._write10,
-            Opcode.WRITE_12: self._write12,
-            Opcode.WRITE_16: self._write16,
-        }
+        # READ/WRITE: local storage reads and writes inline; an asynchronous back-end is
+        # submitted to (chosen here, once, so that neither path pays for the other).
         if self.asynchronous:
-            # Chosen here, once, so that the local hot path pays nothing for it: READ/WRITE
-            # submit. With the back-end polled on the caller's thread, this decode is on the
-            # critical path as much as the local one is: the same one-unpack decoders.
-            hot = {
-                Opcode.READ_6: self._submit_read6,
-                Opcode.READ_10: self._submit_read10,
-                Opcode.READ_12: self._submit_read12,
-                Opcode.READ_16: self._submit_read16,
-                Opcode.WRITE_6: self._submit_write6,
-                Opcode.WRITE_10: self._submit_write10,
-                Opcode.WRITE_12: self._submit_write12,
-                Opcode.WRITE_16: self._submit_write16,
-            }
+            hot = _rw_handlers(self.submit_read, submit_write=self.submit_write)
+        else:
+            hot = _rw_handlers(self.read, write=self.write)
         for opcode, handler in hot.items():
             handlers[opcode] = handler
         if self.asynchronous:
@@ -557,28 +615,6 @@ class BlockDevice(LogicalUnit):
 
     # -- hot path: READ / WRITE --------------------------------------------------------
 
-    def _read6(self, request: Request, complete: Completion) -> Response | None:
-        hi, lo, n = _CDB6.unpack_from(request.cdb)
-        return self.read(request, complete, ((hi & 0x1F) << 16) | lo, n or 256)
-
-    def _read10(self, request: Request, complete: Completion) -> Response | None:
-        flags, lba, n = _CDB10.unpack_from(request.cdb)
-        if flags & 0xE0:
-            raise _PROTECT_FIELD
-        return self.read(request, complete, lba, n)
-
-    def _read12(self, request: Request, complete: Completion) -> Response | None:
-        flags, lba, n = _CDB12.unpack_from(request.cdb)
-        if flags & 0xE0:
-            raise _PROTECT_FIELD
-        return self.read(request, complete, lba, n)
-
-    def _read16(self, request: Request, complete: Completion) -> Response | None:
-        flags, lba, n = _CDB16.unpack_from(request.cdb)
-        if flags & 0xE0:
-            raise _PROTECT_FIELD
-        return self.read(request, complete, lba, n)
-
     def read(self, request: Request, complete: Completion, lba: int, n: int) -> Response | None:
         """Read ``n`` blocks at ``lba`` into the data-in buffer (SBC-4 5.15).
 
@@ -635,28 +671,6 @@ class BlockDevice(LogicalUnit):
             complete(response)
 
         pool.submit(job)
-
-    def _write6(self, request: Request, complete: Completion) -> Response:
-        hi, lo, n = _CDB6.unpack_from(request.cdb)
-        return self.write(request, ((hi & 0x1F) << 16) | lo, n or 256, False)
-
-    def _write10(self, request: Request, complete: Completion) -> Response:
-        flags, lba, n = _CDB10.unpack_from(request.cdb)
-        if flags & 0xE0:
-            raise _PROTECT_FIELD
-        return self.write(request, lba, n, bool(flags & 0x08))
-
-    def _write12(self, request: Request, complete: Completion) -> Response:
-        flags, lba, n = _CDB12.unpack_from(request.cdb)
-        if flags & 0xE0:
-            raise _PROTECT_FIELD
-        return self.write(request, lba, n, bool(flags & 0x08))
-
-    def _write16(self, request: Request, complete: Completion) -> Response:
-        flags, lba, n = _CDB16.unpack_from(request.cdb)
-        if flags & 0xE0:
-            raise _PROTECT_FIELD
-        return self.write(request, lba, n, bool(flags & 0x08))
 
     def write(self, request: Request, lba: int, n: int, fua: bool) -> Response:
         """Write ``n`` blocks at ``lba`` from the data-out buffer (SBC-4 5.40), blocking.
@@ -769,50 +783,6 @@ class BlockDevice(LogicalUnit):
             logger.error("LUN %d: cannot start a %s worker: %s", self.lun, name, e)
             raise _INTERNAL_FAILURE from e
         return job.started()
-
-    def _submit_read6(self, request: Request, complete: Completion) -> Response | None:
-        hi, lo, n = _CDB6.unpack_from(request.cdb)
-        return self.submit_read(request, complete, ((hi & 0x1F) << 16) | lo, n or 256)
-
-    def _submit_read10(self, request: Request, complete: Completion) -> Response | None:
-        flags, lba, n = _CDB10.unpack_from(request.cdb)
-        if flags & 0xE0:  # RDPROTECT without protection information (SBC-4 4.22)
-            raise _PROTECT_FIELD
-        return self.submit_read(request, complete, lba, n)
-
-    def _submit_read12(self, request: Request, complete: Completion) -> Response | None:
-        flags, lba, n = _CDB12.unpack_from(request.cdb)
-        if flags & 0xE0:
-            raise _PROTECT_FIELD
-        return self.submit_read(request, complete, lba, n)
-
-    def _submit_read16(self, request: Request, complete: Completion) -> Response | None:
-        flags, lba, n = _CDB16.unpack_from(request.cdb)
-        if flags & 0xE0:
-            raise _PROTECT_FIELD
-        return self.submit_read(request, complete, lba, n)
-
-    def _submit_write6(self, request: Request, complete: Completion) -> Response | None:
-        hi, lo, n = _CDB6.unpack_from(request.cdb)
-        return self.submit_write(request, complete, ((hi & 0x1F) << 16) | lo, n or 256, False)
-
-    def _submit_write10(self, request: Request, complete: Completion) -> Response | None:
-        flags, lba, n = _CDB10.unpack_from(request.cdb)
-        if flags & 0xE0:  # WRPROTECT without protection information (SBC-4 4.22)
-            raise _PROTECT_FIELD
-        return self.submit_write(request, complete, lba, n, bool(flags & 0x08))
-
-    def _submit_write12(self, request: Request, complete: Completion) -> Response | None:
-        flags, lba, n = _CDB12.unpack_from(request.cdb)
-        if flags & 0xE0:
-            raise _PROTECT_FIELD
-        return self.submit_write(request, complete, lba, n, bool(flags & 0x08))
-
-    def _submit_write16(self, request: Request, complete: Completion) -> Response | None:
-        flags, lba, n = _CDB16.unpack_from(request.cdb)
-        if flags & 0xE0:
-            raise _PROTECT_FIELD
-        return self.submit_write(request, complete, lba, n, bool(flags & 0x08))
 
     def submit_read(
         self, request: Request, complete: Completion, lba: int, n: int
