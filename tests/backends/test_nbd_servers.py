@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 import socket
 import threading
 import time
@@ -14,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from scsi_emulation import testing
 from scsi_emulation.backend import BackendError
 from scsi_emulation.backends import nbd_protocol as p
 from scsi_emulation.backends.nbd import NbdBackend
@@ -215,38 +215,11 @@ def test_server_gone_is_an_error_not_a_hang(nbdkit_memory: NbdServer) -> None:
 
 
 def poll_until(backend: NbdBackend, finished: Callable[[], bool], timeout: float = 30) -> None:
-    """The daemon's loop on this thread: wait for the poll descriptor, `service`, until
-    ``finished()`` (fails after ``timeout`` s: a hang is a failure, not a stuck test)."""
-    deadline = time.monotonic() + timeout
-    while not finished():
-        assert time.monotonic() < deadline, "polled back-end made no progress"
-        fd = backend.poll_fileno()
-        if fd is not None:
-            select.select([fd], [], [], backend.poll_interval)
-        else:
-            time.sleep(backend.poll_interval)
-        backend.service()
+    """`scsi_emulation.testing.poll_until` with this module's default bound."""
+    testing.poll_until(backend, finished, timeout)
 
 
-class Tally:
-    """``done`` callbacks that count, remember errors and the thread they ran on."""
-
-    def __init__(self) -> None:
-        self.errors: list[BackendError | None] = []
-        self.threads: set[int] = set()
-        self.lock = threading.Lock()
-
-    def __call__(self, error: BackendError | None) -> None:
-        with self.lock:
-            self.errors.append(error)
-            self.threads.add(threading.get_ident())
-
-    def count(self) -> int:
-        return len(self.errors)
-
-    def reached(self, n: int) -> Callable[[], bool]:
-        """A `poll_until` condition: ``n`` completions seen."""
-        return lambda: len(self.errors) >= n
+Tally = testing.CompletionTally
 
 
 class CountingSocket:

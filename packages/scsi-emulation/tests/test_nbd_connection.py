@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from scsi_emulation import testing
 from scsi_emulation.backend import BackendError
 from scsi_emulation.backends import nbd_protocol as p
 from scsi_emulation.backends.nbd import NbdBackend
@@ -265,35 +266,11 @@ def test_large_requests_are_split(server: FakeServer) -> None:
 
 
 def poll_until(backend: NbdBackend, finished: Callable[[], bool], timeout: float = 20) -> None:
-    """The daemon's loop on this thread: wait for the poll descriptor, `service`."""
-    deadline = time.monotonic() + timeout
-    while not finished():
-        assert time.monotonic() < deadline, "polled back-end made no progress"
-        fd = backend.poll_fileno()
-        if fd is not None:
-            select.select([fd], [], [], backend.poll_interval)
-        else:
-            time.sleep(backend.poll_interval)
-        backend.service()
+    """`scsi_emulation.testing.poll_until` with this module's default bound."""
+    testing.poll_until(backend, finished, timeout)
 
 
-class Tally:
-    """``done`` callbacks that record errors and the threads they ran on."""
-
-    def __init__(self) -> None:
-        self.errors: list[BackendError | None] = []
-        self.threads: set[int] = set()
-
-    def __call__(self, error: BackendError | None) -> None:
-        self.errors.append(error)
-        self.threads.add(threading.get_ident())
-
-    def count(self) -> int:
-        return len(self.errors)
-
-    def reached(self, n: int) -> Callable[[], bool]:
-        """A `poll_until` condition: ``n`` completions seen."""
-        return lambda: len(self.errors) >= n
+Tally = testing.CompletionTally
 
 
 @contextlib.contextmanager

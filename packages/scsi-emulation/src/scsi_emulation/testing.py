@@ -1,20 +1,26 @@
 """Driving a `Target` with plain bytes: a helper for tests and tools.
 
 Holds `run_command`, which wraps a CDB and payload in a `Request` with `BytesReader` and
-`BytesWriter`, waits for a pending completion, and decodes the outcome into a `CommandResult`.
-Knows nothing about any transport.
+`BytesWriter`, waits for a pending completion, and decodes the outcome into a `CommandResult`;
+and, for storage back-ends in polled mode, `poll_until` (the caller's event loop in a few
+lines) and `CompletionTally` (``done`` callbacks that record what they saw). Knows nothing
+about any transport.
 """
 
 from __future__ import annotations
 
+import select
 import threading
-from collections.abc import Hashable
+import time
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from scsi_core.sense import SenseData, parse_sense
 from scsi_core.target import BytesReader, BytesWriter, Request, Response, Target
 
-__all__ = ["CommandResult", "run_command"]
+from scsi_emulation.backend import BackendError, StorageBackend
+
+__all__ = ["CommandResult", "CompletionTally", "poll_until", "run_command"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,3 +68,40 @@ def run_command(
         residual=response.residual,
         raw_sense=response.sense,
     )
+
+
+def poll_until(backend: StorageBackend, finished: Callable[[], bool], timeout: float) -> None:
+    """A polled back-end's caller, on this thread: wait for its poll descriptor (or its
+    poll_interval), `service`, until ``finished()``; AssertionError after ``timeout`` s, so
+    that a hang fails a test instead of stalling it."""
+    deadline = time.monotonic() + timeout
+    while not finished():
+        assert time.monotonic() < deadline, "polled back-end made no progress"
+        fd = backend.poll_fileno()
+        if fd is not None:
+            select.select([fd], [], [], backend.poll_interval)
+        else:
+            time.sleep(backend.poll_interval)
+        backend.service()
+
+
+class CompletionTally:
+    """``done`` callbacks that count, remember errors and the threads they ran on."""
+
+    def __init__(self) -> None:
+        self.errors: list[BackendError | None] = []
+        self.threads: set[int] = set()
+        self.lock = threading.Lock()
+
+    def __call__(self, error: BackendError | None) -> None:
+        with self.lock:
+            self.errors.append(error)
+            self.threads.add(threading.get_ident())
+
+    def count(self) -> int:
+        """How many completions ran."""
+        return len(self.errors)
+
+    def reached(self, n: int) -> Callable[[], bool]:
+        """A `poll_until` condition: ``n`` completions seen."""
+        return lambda: len(self.errors) >= n
