@@ -41,6 +41,8 @@ def test_image_specs_and_defaults() -> None:
     )
     assert opts.control_socket == "/tmp/x.sock.ctl"
     assert (opts.num_queues, opts.block_size, opts.write_cache) == (1, 512, True)
+    assert opts.poll_max_us == 256
+    assert parse_args(["--socket-path", "s", "--poll-max-us", "0", "a"]).poll_max_us == 0
 
 
 @pytest.mark.parametrize(
@@ -78,6 +80,7 @@ def test_bad_options(tmp_path: Path, image: Path) -> None:
     _one_error_line(run_cli("--socket-path", "s", "--block-size", "1000", str(image)), "1000")
     _one_error_line(run_cli("--socket-path", "s", "--write-cache", "maybe", str(image)), "maybe")
     _one_error_line(run_cli("--socket-path", "s", "--frobnicate", str(image)), "frobnicate")
+    _one_error_line(run_cli("--socket-path", "s", "--poll-max-us", "-5", str(image)), "-5")
 
 
 def test_socket_in_use_and_not_a_socket(tmp_path: Path, image: Path) -> None:

@@ -164,3 +164,57 @@ async def test_hotplug_and_resize_over_control_socket(tmp_path: Path, images: li
                 assert await ctl_cmd("list") == f"ok 0:{images[0]}"
         finally:
             await guest.close()
+
+
+def _anon_fds() -> set[tuple[str, str]]:
+    """This process's eventfds, epoll and other anonymous descriptors."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("anon_inode:"):
+            found.add((fd, target))
+    return found
+
+
+async def test_busy_polling_watches_each_live_queue_and_lets_go_at_disconnect(
+    tmp_path: Path, images: list[Path]
+) -> None:
+    """The default daemon busy-polls: every started kick eventfd and the completion channel
+    are watched while the front-end is connected (through duplicates that are released after),
+    and the window adapts to the waits between commands."""
+    sock = str(tmp_path / "v.sock")
+    before = _anon_fds()
+    async with daemon_running(["--socket-path", sock, str(images[0]), "--num-queues", "2"]) as d:
+        busy = d.busy_poll
+        assert busy is not None and busy.max_ns == 256_000
+        guest = await ScsiGuest.connect(sock, request_queues=2)
+        try:
+            with trio.fail_after(10):
+                await clear_unit_attentions(guest, 0)
+                for i in range(20):
+                    resp, _, _ = await guest.command(read10(i, 1), data_in=512, queue=2 + i % 2)
+                    assert resp.status == Status.GOOD
+                # control, event and two request queues, and the completion channel
+                assert len(busy._watched) == 5
+                assert d.backends[0].requests.outstanding == 0
+        finally:
+            await guest.close()
+        with trio.fail_after(10):
+            while busy._watched:
+                await trio.sleep(0.01)
+    assert _anon_fds() <= before  # no eventfd duplicate, no epoll left behind
+
+
+async def test_busy_polling_off(tmp_path: Path, images: list[Path]) -> None:
+    sock = str(tmp_path / "v.sock")
+    async with daemon_running(["--socket-path", sock, str(images[0]), "--poll-max-us", "0"]) as d:
+        assert d.busy_poll is None
+        guest = await ScsiGuest.connect(sock)
+        try:
+            with trio.fail_after(10):
+                await clear_unit_attentions(guest, 0)
+        finally:
+            await guest.close()

@@ -209,10 +209,12 @@ def test_completion_after_stop_is_dropped(driver: Driver) -> None:
     rq = make(target, driver)
     driver.command(bytes([PENDING_OP]))
     rq.process(driver.vring)
+    assert rq.outstanding == 1
     rq.stop(driver.vring.index)
     target.complete_pending_in_thread()
     rq.finish_all()
     assert driver.used() == {}
+    assert rq.outstanding == 0  # dropped, but no longer in flight
 
 
 def test_aborted_task_gets_aborted_response(driver: Driver) -> None:
@@ -257,6 +259,7 @@ async def test_pending_commands_between_inline_ones_keep_their_own_callbacks(
     rq.process(driver.vring)
     inline = {cmds[1][0]: 108 + 32, cmds[3][0]: 108 + 8, cmds[5][0]: 108 + 8}
     assert driver.used() == inline
+    assert rq.outstanding == 3  # kept by the target, through both paths
     callbacks = [complete for _req, complete in target.pending]
     assert len(set(map(id, callbacks))) == 3  # three distinct callback objects
     # Complete them out of order, each with its own residual.
@@ -268,6 +271,7 @@ async def test_pending_commands_between_inline_ones_keep_their_own_callbacks(
     with trio.fail_after(5):
         await rq.channel.wait()
     rq.finish_all()
+    assert rq.outstanding == 0
     assert driver.used() == {
         cmds[0][0]: 108 + 64 - 1,
         cmds[2][0]: 108 + 16 - 2,

@@ -28,6 +28,11 @@ PROG = "vhost-device-scsi"
 MAX_REQUEST_QUEUES = 128
 BLOCK_SIZES = (512, 4096)
 LOG_LEVELS = ("debug", "info", "warning", "error")
+#: Busy polling's cap (vhost_user.BusyPoll). Remote storage answers in ~25 us (NBD on the
+#: same host) to ~150 us (Ceph): the window grows only as far as the waits it would have
+#: caught, and shrinks to nothing when they are longer than this. Measured in
+#: benchmarks/host_backends_bench.py; see the README's Speed section.
+DEFAULT_POLL_MAX_US = 256
 
 
 class CliError(Exception):
@@ -56,6 +61,8 @@ class DaemonOptions:
     block_size: int = 512
     write_cache: bool = True
     queue_size: int = 1024
+    #: Longest busy poll before the loop sleeps, in microseconds (0: never poll).
+    poll_max_us: int = DEFAULT_POLL_MAX_US
     log_level: str = "info"
 
 
@@ -64,6 +71,16 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{PROG}: error: {message}\n")
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must not be negative")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -139,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest virtqueue accepted (power of two, default 1024)",
     )
     p.add_argument(
+        "--poll-max-us",
+        type=_non_negative,
+        default=DEFAULT_POLL_MAX_US,
+        metavar="US",
+        help="poll for up to US microseconds before sleeping while few requests are in "
+        "flight (adaptive, like QEMU's poll-max-ns; trades CPU for latency); 0 disables. "
+        f"Default {DEFAULT_POLL_MAX_US}",
+    )
+    p.add_argument(
         "--control-socket",
         metavar="PATH",
         help="control socket for hot-plug commands (default: SOCKET-PATH.ctl; 'none' to disable)",
@@ -197,6 +223,7 @@ def parse_args(argv: Sequence[str] | None = None) -> DaemonOptions:
         block_size=ns.block_size,
         write_cache=ns.write_cache,
         queue_size=ns.queue_size,
+        poll_max_us=ns.poll_max_us,
         log_level=ns.log_level,
     )
 

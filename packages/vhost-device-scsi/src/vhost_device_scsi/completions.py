@@ -117,6 +117,10 @@ class CompletionChannel(Generic[T, R]):
                 return
             await trio.lowlevel.wait_readable(self._fd)
 
+    def fileno(self) -> int:
+        """The eventfd `wait` waits on (-1 once closed)."""
+        return self._fd
+
     def close(self) -> None:
         """Release the eventfd; later posts are dropped. Idempotent."""
         with self._lock:

@@ -18,7 +18,7 @@ from functools import partial
 
 # trio 0.22 ships no type information; newer trio does.
 import trio
-from vhost_user import serve
+from vhost_user import BusyPoll, serve
 
 from .cli import CliError, DaemonOptions, bind_unix, prepare_listener
 from .control import AddLun, Command, ControlError, ListLuns, RemoveLun, ResizeLun, serve_control
@@ -38,10 +38,20 @@ class DaemonError(Exception):
     """The daemon cannot start (an image cannot be opened...); the message is for the operator."""
 
 
+#: Busy polling only while at most this many commands are in flight: deeper queues keep the
+#: loop busy anyway, and spinning then takes CPU from the storage server when it shares the
+#: machine (unconditional polling cost 15-25% of QD32 reads on a local Ceph OSD).
+SPIN_MAX_OUTSTANDING = 4
+
+
 def _finish_completions(backends: list[ScsiBackend]) -> None:
     """After a polled back-end ran completions on this thread: finish them on the rings."""
     for backend in backends:
         backend.requests.finish_all()
+
+
+def _worth_spinning(backends: list[ScsiBackend]) -> bool:
+    return all(b.requests.outstanding <= SPIN_MAX_OUTSTANDING for b in backends)
 
 
 class Daemon:
@@ -73,7 +83,10 @@ class Daemon:
         Remote back-ends (NBD, RBD) are polled from the daemon's trio loop (`BackendPoller`),
         so call it on the thread that will `run` the daemon."""
         backends: list[ScsiBackend] = []
-        poller = BackendPoller(partial(_finish_completions, backends))
+        busy = None
+        if options.poll_max_us:
+            busy = BusyPoll(options.poll_max_us * 1000, worth_it=partial(_worth_spinning, backends))
+        poller = BackendPoller(partial(_finish_completions, backends), busy_poll=busy)
         luns = LunTable(watcher=poller)
         try:
             for image in options.images:
@@ -121,6 +134,8 @@ class Daemon:
             fd = self.listener.detach()
             if self.poller is not None:
                 await nursery.start(self.poller.run)
+            if self.busy_poll is not None:
+                await nursery.start(self.busy_poll.run)
             await nursery.start(partial(serve, self._new_backend, listen_fd=fd))
             if self.control is not None:
                 await nursery.start(serve_control, self.control, self.handle_command)
@@ -163,17 +178,25 @@ class Daemon:
                         backend.events.capacity_changed(lun)
                 logger.info("LUN %d resized outside: %d -> %d bytes", lun, old, new)
 
+    @property
+    def busy_poll(self) -> BusyPoll | None:
+        """The busy polling shared by the queues and the polled back-ends (None: off)."""
+        return self.poller.busy_poll if self.poller is not None else None
+
     def _new_backend(self) -> ScsiBackend:
         return ScsiBackend(
             self.luns.target,
             self.settings,
             on_connect=self.backends.append,
             on_disconnect=self.backends.remove,
+            busy_poll=self.busy_poll,
         )
 
     def close(self) -> None:
         """Release images and remove the socket files we created."""
         self.luns.close()
+        if self.busy_poll is not None:
+            self.busy_poll.close()
         with contextlib.suppress(OSError):
             self.listener.close()
         for path, sock in (

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from scsi_core.target import Response, Target
 from vhost_user.backend import VhostUserBackend
+from vhost_user.busy_poll import BusyPoll
 from vhost_user.errors import RequestError
 from vhost_user.messages import ProtocolFeature
 from vhost_user.vring import Vring
@@ -104,8 +105,10 @@ class ScsiBackend(VhostUserBackend):
         nexus: Hashable = 0,
         on_connect: Callable[[ScsiBackend], None] | None = None,
         on_disconnect: Callable[[ScsiBackend], None] | None = None,
+        busy_poll: BusyPoll | None = None,
     ) -> None:
         self.settings = settings or DeviceSettings()
+        self.busy_poll = busy_poll
         if self.settings.num_request_queues < 1:
             raise ValueError("a virtio-scsi device needs at least one request queue")
         self.num_queues = FIRST_REQUEST_QUEUE + self.settings.num_request_queues
@@ -217,11 +220,19 @@ class ScsiBackend(VhostUserBackend):
         """Finish commands completed on other threads; register for hot-plug events."""
         if self._on_connect is not None:
             self._on_connect(self)
+        busy = self.busy_poll
+        channel_fd = self.channel.fileno()
+        if busy is not None:
+            busy.watch(channel_fd)
         try:
             while True:
                 await self.channel.wait()
                 self.requests.finish_all()
+                if busy is not None:
+                    busy.activity()
         finally:
+            if busy is not None:
+                busy.unwatch(channel_fd)
             if self._on_disconnect is not None:
                 self._on_disconnect(self)
             self.channel.close()

@@ -23,6 +23,7 @@ from collections.abc import Callable
 # trio 0.22 ships no type information; newer trio does.
 import trio
 from scsi_emulation.backend import StorageBackend
+from vhost_user.busy_poll import BusyPoll
 
 from . import completions
 
@@ -40,10 +41,15 @@ class BackendPoller:
     that will run it: `start_polling` binds the back-end to that thread).
     """
 
-    def __init__(self, on_serviced: Callable[[], None]) -> None:
+    def __init__(
+        self, on_serviced: Callable[[], None], *, busy_poll: BusyPoll | None = None
+    ) -> None:
         self._on_serviced = on_serviced
+        #: Spins on the back-ends' descriptors too (each serviced burst is activity).
+        self.busy_poll = busy_poll
         self._scopes: dict[StorageBackend, trio.CancelScope] = {}
         self._waiting: dict[StorageBackend, int] = {}
+        self._spun: dict[StorageBackend, int] = {}  # the descriptor busy_poll watches
         self._nursery: trio.Nursery | None = None
 
     def __contains__(self, backend: object) -> bool:
@@ -66,6 +72,7 @@ class BackendPoller:
         if scope is None:
             return
         scope.cancel()
+        self._unspin(backend)
         fd = self._waiting.pop(backend, None)
         if fd is not None:
             # The task sleeps in wait_readable on a descriptor that close() will release:
@@ -100,10 +107,33 @@ class BackendPoller:
             for fd in list(self._waiting.values()):
                 trio.lowlevel.notify_closing(fd)
 
+    def _spin_on(self, backend: StorageBackend, fd: int | None) -> None:
+        """Point busy polling at ``backend``'s current descriptor (a reconnection changes it)."""
+        busy = self.busy_poll
+        if busy is None or self._spun.get(backend) == fd:
+            return
+        self._unspin(backend)
+        if fd is not None:
+            busy.watch(fd)
+            self._spun[backend] = fd
+
+    def _unspin(self, backend: StorageBackend) -> None:
+        fd = self._spun.pop(backend, None)
+        if fd is not None and self.busy_poll is not None:
+            self.busy_poll.unwatch(fd)
+
     async def _drive(self, backend: StorageBackend) -> None:
         scope = self._scopes.get(backend)
         if scope is None:
             return
+        try:
+            await self._drive_until_cancelled(backend, scope)
+        finally:
+            self._unspin(backend)
+
+    async def _drive_until_cancelled(
+        self, backend: StorageBackend, scope: trio.CancelScope
+    ) -> None:
         interval = backend.poll_interval
         poll_fileno = backend.poll_fileno
         service = backend.service
@@ -112,9 +142,12 @@ class BackendPoller:
         wait_readable = trio.lowlevel.wait_readable
         deferral = completions.deferral
         ident = threading.get_ident()
+        busy = self.busy_poll
         with scope:
             while True:
                 fd = poll_fileno()
+                if busy is not None:
+                    self._spin_on(backend, fd)
                 if fd is None:  # reconnecting: look again later
                     await trio.sleep(interval)
                 else:
@@ -142,3 +175,5 @@ class BackendPoller:
                     # Same rule: one bad completion must not stop every later one (the
                     # daemon's serve nursery would end with this task).
                     logger.exception("finishing completions of a polled back-end failed")
+                if busy is not None:
+                    busy.activity()

@@ -142,6 +142,9 @@ class RequestQueues:
         # stopped (device reset, disconnect) are dropped instead of touching a new ring.
         self._generation: dict[int, int] = {}
         self._live: dict[int, RequestVring] = {}
+        #: Commands the target left pending and `finish` has not completed yet (all queues):
+        #: how busy the device is, for the daemon's busy polling.
+        self.outstanding = 0
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -246,6 +249,7 @@ class RequestQueues:
                     pending.writable = writable
                     pending.writer = data_in
                     pending = PendingCommand(self.channel)
+                    self.outstanding += 1
                     continue
                 status = response.status
                 if response.sense or status == _TASK_ABORTED:
@@ -331,6 +335,7 @@ class RequestQueues:
             pending.resp_buf = resp
             pending.writable = writable
             pending.writer = data_in
+            self.outstanding += 1
             return PendingCommand(self.channel)
         status = response.status
         if resp is not None and not response.sense and status != _TASK_ABORTED:
@@ -388,6 +393,7 @@ class RequestQueues:
 
     def finish(self, pending: PendingCommand, response: Response) -> RequestVring | None:
         """Complete a command the target left pending; returns the vring to notify, if any."""
+        self.outstanding -= 1
         vring = pending.vring
         if vring is None:
             return None

@@ -6,6 +6,7 @@ nothing about any particular device type (SCSI, block, rng...).
 """
 
 from .backend import VhostUserBackend
+from .busy_poll import BusyPoll
 from .connection import (
     BASE_PROTOCOL_FEATURES,
     BackendConnection,
@@ -24,6 +25,7 @@ __all__ = [
     "BASE_PROTOCOL_FEATURES",
     "VHOST_USER_F_PROTOCOL_FEATURES",
     "BackendConnection",
+    "BusyPoll",
     "Event",
     "FrontendError",
     "FrontendQueue",

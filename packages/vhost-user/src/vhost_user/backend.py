@@ -9,9 +9,13 @@ back from threads, timers). Knows nothing about the wire format or sockets.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 from .errors import RequestError
 from .vring import Vring
+
+if TYPE_CHECKING:
+    from .busy_poll import BusyPoll
 
 __all__ = ["VhostUserBackend"]
 
@@ -27,6 +31,9 @@ class VhostUserBackend(ABC):
 
     num_queues: int
     max_queue_size: int = 1024
+    #: Set to spin on the queues' kicks before the loop sleeps (`run_queue` watches each
+    #: kick eventfd and reports each drained kick as activity); None: never spin.
+    busy_poll: BusyPoll | None = None
 
     @abstractmethod
     def features(self) -> int:

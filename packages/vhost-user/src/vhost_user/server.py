@@ -75,6 +75,9 @@ async def run_queue(
     handle = backend.handle_kick
     eventfd_read = os.eventfd_read
     wait_readable = trio.lowlevel.wait_readable
+    busy = backend.busy_poll
+    if busy is not None:
+        busy.watch(kick_fd)
     with scope:
         try:
             # Chains made available before the ring went live (or resubmitted after a
@@ -90,10 +93,15 @@ async def run_queue(
                 except BlockingIOError:
                     continue
                 _drain(handle, index, vring)
+                if busy is not None:
+                    busy.activity()
         except trio.ClosedResourceError:
             return
         except Exception as exc:  # a device bug or a broken ring: stop this queue only
             log.error("vring %d: queue processing stopped: %r", index, exc)
+        finally:
+            if busy is not None:
+                busy.unwatch(kick_fd)
 
 
 def _drain(handle: Callable[[int, Vring], None], index: int, vring: Vring) -> None:

@@ -1,0 +1,199 @@
+"""Adaptive polling before the event loop sleeps: QEMU's AioContext polling for a trio loop.
+
+When a back-end thread sleeps and is woken, the wake-up can cost more than the request it
+serves: in a virtual machine whose idle vCPUs halt, every wake-up is an interrupt sent through
+the hypervisor, tens of microseconds. QEMU therefore polls its file descriptors for a while
+before it blocks (``poll-max-ns``, util/aio-posix.c), growing the time when a longer poll
+would have caught the event and shrinking it when the waits are longer than the cap. This
+module does the same for a trio loop: once the loop has nothing left to run, `BusyPoll` spins
+on the watched descriptors (kick eventfds, a storage back-end's socket) for up to its current
+window; when one becomes ready the loop finds it ready and does not sleep at all.
+
+It knows nothing about any device type: the device says which descriptors are hot (`watch`)
+when work was done (`activity`), and whether spinning is worth it now (``worth_it``: a device
+with many requests in flight keeps the loop busy anyway, and on a small machine the CPU is
+better left to the storage server).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import time
+from collections.abc import Callable
+
+import trio
+
+# `wait_all_tasks_blocked` is trio's one public "the loop is about to sleep" hook; it lives in
+# trio.testing but is an ordinary part of trio's API (trio's own run loop implements it).
+from trio.testing import wait_all_tasks_blocked
+
+__all__ = ["BusyPoll", "adjust_window"]
+
+logger = logging.getLogger(__name__)
+
+#: The first window after polling was off (QEMU's start value, 4 us).
+START_NS = 4_000
+
+#: Spins in a row that saw a descriptor ready without any `activity` since: something is
+#: readable that nobody handles (a watched socket at EOF that its owner has not looked at
+#: yet); stop spinning until the next activity rather than spin on it for good.
+_MAX_UNCLAIMED = 64
+
+
+def adjust_window(
+    window_ns: int, blocked_ns: int, max_ns: int, *, grow: int = 2, shrink: int = 2
+) -> int:
+    """The next polling window after a wait of ``blocked_ns`` (polling included) that the
+    current ``window_ns`` did not cover (QEMU's adjust_polling_time, util/aio-posix.c).
+
+    A wait the window covered changes nothing; a wait longer than ``max_ns`` shrinks the
+    window (polling would not have paid); a shorter one grows it (a longer poll would have
+    caught the event), from `START_NS`, up to ``max_ns``. The result is 0 or in
+    [START_NS, max_ns] (0 when ``max_ns`` is below START_NS).
+    """
+    if max_ns < START_NS:
+        return 0
+    if blocked_ns <= window_ns:
+        return window_ns
+    if blocked_ns > max_ns:
+        window_ns //= shrink
+        return window_ns if window_ns >= START_NS else 0
+    if window_ns < max_ns:
+        return min(window_ns * grow if window_ns else START_NS, max_ns)
+    return window_ns
+
+
+class BusyPoll:
+    """Spin on the watched descriptors before the trio loop sleeps, for an adaptive window.
+
+    Run `run` as a task of the loop that serves the descriptors. Call `activity()` after
+    handling an event of a watched descriptor: it measures the wait that ended and, when the
+    window and ``worth_it()`` allow, arms one spin for the next time the loop is idle. A
+    daemon with no work does not spin at all: the spinner parks until the next activity.
+    ``max_ns`` 0 disables polling (then this object only keeps its counters at 0).
+    """
+
+    def __init__(
+        self,
+        max_ns: int,
+        *,
+        worth_it: Callable[[], bool] | None = None,
+        grow: int = 2,
+        shrink: int = 2,
+    ) -> None:
+        if max_ns < 0 or grow < 2 or shrink < 1:
+            raise ValueError("need max_ns >= 0, grow >= 2, shrink >= 1")
+        self.max_ns = max_ns
+        self.worth_it = worth_it
+        self.grow = grow
+        self.shrink = shrink
+        #: The current window (adapted between 0 and max_ns).
+        self.window_ns = 0
+        #: Spins started, and those that saw a descriptor become ready.
+        self.spins = 0
+        self.hits = 0
+        self._epoll = select.epoll()
+        self._watched: dict[int, int] = {}  # fd -> our duplicate in the epoll set
+        self._unclaimed = 0  # hits in a row that no `activity` followed
+        self._parked: trio.lowlevel.Task | None = None
+        self._parked_at = 0
+
+    def watch(self, fd: int) -> None:
+        """Spin on ``fd`` (readable) too, until `unwatch`."""
+        if fd in self._watched:
+            return
+        # Registered through a duplicate that `unwatch` closes: a descriptor closed before
+        # `unwatch` (the front-end's kick eventfd, a socket the back-end replaced) would
+        # otherwise stay in the epoll set for as long as its file lives elsewhere (the
+        # front-end holds the other end of an eventfd), impossible to unregister.
+        try:
+            dup = os.dup(fd)
+        except OSError as exc:  # closed already: never fatal, just not hot
+            logger.debug("busy poll: cannot watch fd %d: %s", fd, exc)
+            return
+        try:
+            self._epoll.register(dup, select.EPOLLIN)
+        except OSError as exc:  # not pollable (a regular file)
+            os.close(dup)
+            logger.debug("busy poll: cannot watch fd %d: %s", fd, exc)
+            return
+        self._watched[fd] = dup
+
+    def unwatch(self, fd: int) -> None:
+        """Stop spinning on ``fd``."""
+        dup = self._watched.pop(fd, None)
+        if dup is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(dup)
+            os.close(dup)
+
+    def activity(self) -> None:
+        """A watched descriptor's event was handled: adapt the window to the wait that ended
+        and arm a spin for the loop's next idle moment if it is worth it."""
+        self._unclaimed = 0
+        task = self._parked
+        if task is None:
+            return  # spinning, or armed already: the window only adapts on a missed spin
+        now = time.perf_counter_ns()
+        window = adjust_window(
+            self.window_ns, now - self._parked_at, self.max_ns, grow=self.grow, shrink=self.shrink
+        )
+        self.window_ns = window
+        worth_it = self.worth_it
+        if window and (worth_it is None or worth_it()):
+            self._parked = None
+            trio.lowlevel.reschedule(task)
+        else:
+            self._parked_at = now  # measure the next wait from here
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Spin whenever armed and the loop is idle; park otherwise. Runs until cancelled."""
+        poll = self._epoll.poll
+        clock = time.perf_counter_ns
+        task = trio.lowlevel.current_task()
+        task_status.started()
+        try:
+            while True:
+                window = self.window_ns
+                start = clock()
+                if window and self._watched:
+                    await wait_all_tasks_blocked()
+                    start = clock()
+                    self.spins += 1
+                    end = start + window
+                    hit = False
+                    while True:
+                        if poll(0):
+                            hit = True
+                            break
+                        if clock() >= end:
+                            break
+                    if hit:
+                        # The loop now finds the descriptor ready and runs its task without
+                        # sleeping; spin again at the next idle moment (a hit needs no change
+                        # of window).
+                        self.hits += 1
+                        self._unclaimed += 1
+                        worth_it = self.worth_it
+                        if self._unclaimed < _MAX_UNCLAIMED and (worth_it is None or worth_it()):
+                            continue
+                # Missed (or not armed): sleep like everyone else until the next activity,
+                # which measures how long this wait really was.
+                self._parked = task
+                self._parked_at = start
+                await trio.lowlevel.wait_task_rescheduled(self._abort)
+        finally:
+            self._parked = None
+
+    def _abort(self, _raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        self._parked = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def close(self) -> None:
+        """Release the epoll descriptor and the duplicates."""
+        for fd in list(self._watched):
+            self.unwatch(fd)
+        self._epoll.close()

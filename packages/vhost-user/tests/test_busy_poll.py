@@ -1,0 +1,207 @@
+"""BusyPoll: the adaptive window (pure) and the spinner in a real trio loop."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
+from vhost_user.busy_poll import _MAX_UNCLAIMED, START_NS, BusyPoll, adjust_window
+
+MAX = 256_000
+
+windows = st.one_of(st.just(0), st.integers(START_NS, MAX))
+waits = st.integers(0, 10 * MAX)
+
+
+@given(windows, waits)
+def test_window_stays_off_or_between_start_and_max(window: int, blocked: int) -> None:
+    new = adjust_window(window, blocked, MAX)
+    assert new == 0 or START_NS <= new <= MAX
+
+
+@given(windows, waits)
+def test_a_covered_wait_changes_nothing(window: int, blocked: int) -> None:
+    if blocked <= window:
+        assert adjust_window(window, blocked, MAX) == window
+
+
+@given(windows, st.integers(MAX + 1, 100 * MAX))
+def test_a_wait_past_the_cap_shrinks(window: int, blocked: int) -> None:
+    new = adjust_window(window, blocked, MAX)
+    assert new < window or new == window == 0
+
+
+@given(windows, waits)
+def test_a_wait_a_longer_poll_would_catch_grows(window: int, blocked: int) -> None:
+    if window < blocked <= MAX and window < MAX:
+        new = adjust_window(window, blocked, MAX)
+        assert new > window
+        assert new == min(window * 2, MAX) if window else new == START_NS
+
+
+def test_cap_below_start_means_off() -> None:
+    assert adjust_window(0, 10, START_NS - 1) == 0
+
+
+def test_bad_parameters() -> None:
+    with pytest.raises(ValueError):
+        BusyPoll(-1)
+    with pytest.raises(ValueError):
+        BusyPoll(1000, grow=1)
+
+
+def _write_later(fd: int, delay: float) -> threading.Thread:
+    def run() -> None:
+        time.sleep(delay)
+        os.eventfd_write(fd, 1)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+async def _armed(busy: BusyPoll, window_ns: int) -> None:
+    """Let the spinner park, then give it a window and report activity (which arms it)."""
+    await trio.testing.wait_all_tasks_blocked()
+    busy.window_ns = window_ns
+    busy.activity()
+
+
+async def test_a_spin_catches_an_event_and_the_loop_does_not_sleep() -> None:
+    busy = BusyPoll(500_000_000)
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        busy.watch(fd)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(busy.run)
+            await _armed(busy, 400_000_000)
+            writer = _write_later(fd, 0.005)
+            # This task blocks; the spinner spins on its own thread's time and sees the write.
+            await trio.lowlevel.wait_readable(fd)
+            writer.join()
+            assert busy.spins >= 1
+            assert busy.hits >= 1
+            nursery.cancel_scope.cancel()
+    finally:
+        busy.close()
+        os.close(fd)
+
+
+async def test_an_idle_loop_stops_spinning_and_uses_no_cpu() -> None:
+    busy = BusyPoll(2_000_000)
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        busy.watch(fd)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(busy.run)
+            await _armed(busy, 2_000_000)
+            await trio.sleep(0.05)  # one 2 ms spin misses, then the spinner parks
+            spins = busy.spins
+            assert spins >= 1
+            assert busy.hits == 0
+            cpu = time.process_time()
+            await trio.sleep(0.3)
+            assert busy.spins == spins
+            assert time.process_time() - cpu < 0.1  # parked, not spinning for 300 ms
+            nursery.cancel_scope.cancel()
+    finally:
+        busy.close()
+        os.close(fd)
+
+
+async def test_nothing_spins_when_not_worth_it() -> None:
+    asked: list[bool] = []
+
+    def worth_it() -> bool:
+        asked.append(True)
+        return False
+
+    busy = BusyPoll(2_000_000, worth_it=worth_it)
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        busy.watch(fd)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(busy.run)
+            await _armed(busy, 2_000_000)
+            await trio.sleep(0.05)
+            assert asked
+            assert busy.spins == 0
+            nursery.cancel_scope.cancel()
+    finally:
+        busy.close()
+        os.close(fd)
+
+
+async def test_the_window_grows_to_catch_short_waits_and_shrinks_after_long_ones() -> None:
+    busy = BusyPoll(50_000_000)  # 50 ms cap: waits of a few ms are worth catching
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        busy.watch(fd)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(busy.run)
+            await trio.testing.wait_all_tasks_blocked()
+            assert busy.window_ns == 0
+            # Events 2 ms apart: each missed spin grows the window until one covers the wait.
+            for _ in range(20):
+                await trio.sleep(0.002)
+                busy.activity()
+            assert busy.window_ns >= START_NS
+            grown = busy.window_ns
+            # Waits longer than the cap: each halves the window, down to off.
+            busy.max_ns = 1_000_000
+            for _ in range(30):
+                await trio.sleep(0.005)
+                busy.activity()
+                if not busy.window_ns:
+                    break
+            assert busy.window_ns < grown
+            assert busy.window_ns == 0
+            nursery.cancel_scope.cancel()
+    finally:
+        busy.close()
+        os.close(fd)
+
+
+async def test_a_readable_descriptor_nobody_handles_does_not_spin_for_good() -> None:
+    busy = BusyPoll(2_000_000)
+    a, b = socket.socketpair()
+    b.close()  # `a` is at EOF: readable for ever, and no task of ours reads it
+    try:
+        busy.watch(a.fileno())
+        async with trio.open_nursery() as nursery:
+            await nursery.start(busy.run)
+            await _armed(busy, 2_000_000)
+            await trio.sleep(0.1)
+            assert busy.hits == _MAX_UNCLAIMED
+            hits = busy.hits
+            await trio.sleep(0.1)
+            assert busy.hits == hits  # parked until real activity
+            nursery.cancel_scope.cancel()
+    finally:
+        busy.close()
+        a.close()
+
+
+def test_watch_keeps_its_own_duplicate_and_close_releases_it() -> None:
+    busy = BusyPoll(1000_000)
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    before = len(os.listdir("/proc/self/fd"))
+    busy.watch(fd)
+    busy.watch(fd)  # twice: one registration
+    assert len(os.listdir("/proc/self/fd")) == before + 1
+    # Closing the watched descriptor first is allowed: the duplicate is ours to release.
+    os.close(fd)
+    busy.unwatch(fd)
+    assert len(os.listdir("/proc/self/fd")) == before - 1
+    busy.unwatch(fd)  # unknown now: ignored
+    busy.watch(12345)  # not open: ignored, logged
+    with open(__file__, "rb") as f:
+        busy.watch(f.fileno())  # a regular file cannot be polled: ignored
+    busy.close()
