@@ -218,3 +218,13 @@ async def test_busy_polling_off(tmp_path: Path, images: list[Path]) -> None:
                 await clear_unit_attentions(guest, 0)
         finally:
             await guest.close()
+
+
+def test_the_daemon_does_not_import_test_tools() -> None:
+    """trio.testing imports pytest when it is installed: +9 MB of RSS for the daemon."""
+    import subprocess
+    import sys
+
+    code = "import sys, vhost_device_scsi.daemon; print('pytest' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -26,9 +26,13 @@ from collections.abc import Callable
 
 import trio
 
-# `wait_all_tasks_blocked` is trio's one public "the loop is about to sleep" hook; it lives in
-# trio.testing but is an ordinary part of trio's API (trio's own run loop implements it).
-from trio.testing import wait_all_tasks_blocked
+# `wait_all_tasks_blocked` is trio's one "the loop is about to sleep" hook (its run loop
+# implements it; trio.testing re-exports it). Taken from where trio defines it:
+# importing trio.testing also imports pytest when installed (+9 MB of daemon RSS).
+try:
+    from trio._core._generated_run import wait_all_tasks_blocked
+except ImportError:  # a trio that moved it: the public name
+    from trio.testing import wait_all_tasks_blocked
 
 __all__ = ["BusyPoll", "adjust_window"]
 
