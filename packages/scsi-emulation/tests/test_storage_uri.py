@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scsi_emulation.backend import BackendError, FileBackend, StorageBackend
 from scsi_emulation.backends.uri import (
+    RBD_DEFAULT_TIMEOUT,
     FileLocation,
     LocationError,
     NbdLocation,
@@ -36,6 +37,9 @@ from scsi_emulation.backends.uri import (
         ("nbd+unix:///?socket=/s", NbdLocation("", socket_path="/s")),
         ("rbd:rbd/vm1", RbdLocation("rbd", "vm1")),
         ("rbd:p/i?conf=/etc/c.conf&id=admin", RbdLocation("p", "i", "/etc/c.conf", "admin")),
+        ("rbd:p/i?timeout=5", RbdLocation("p", "i", timeout=5)),
+        ("rbd:p/i?id=u&timeout=86400&conf=/c", RbdLocation("p", "i", "/c", "u", 86400)),
+        ("rbd:p/i?timeout=007", RbdLocation("p", "i", timeout=7)),
     ],
 )
 def test_parse(text: str, expected: object) -> None:
@@ -63,11 +67,36 @@ def test_parse(text: str, expected: object) -> None:
         ("rbd:p/i/j", "expected rbd:POOL/IMAGE"),
         ("rbd:p/i?conf=", "empty conf"),
         ("rbd:p/i?conf=a&conf=b", "twice"),
+        ("rbd:p/i?timeout=", "timeout='' is not a whole number of seconds from 1 to 86400"),
+        ("rbd:p/i?timeout=0", "timeout='0' is not a whole number"),
+        ("rbd:p/i?timeout=-5", "timeout='-5' is not"),
+        ("rbd:p/i?timeout=%2B5", r"timeout='\+5' is not"),
+        ("rbd:p/i?timeout=1.5", "timeout='1.5' is not"),
+        ("rbd:p/i?timeout=5s", "timeout='5s' is not"),
+        ("rbd:p/i?timeout=%205", "timeout=' 5' is not"),
+        ("rbd:p/i?timeout=5_0", "timeout='5_0' is not"),
+        ("rbd:p/i?timeout=%D9%A5", "is not a whole number"),  # ARABIC-INDIC DIGIT FIVE
+        ("rbd:p/i?timeout=86401", "timeout='86401' is not"),
+        ("rbd:p/i?timeout=" + "9" * 5000, "is not a whole number"),  # int() would refuse it
+        ("rbd:p/i?timeout=5&timeout=6", "parameter 'timeout' given twice"),
+        ("rbd:p/i?timeot=5", "unknown parameter 'timeot' .expected: conf, id, timeout"),
     ],
 )
 def test_parse_errors(text: str, needle: str) -> None:
     with pytest.raises(LocationError, match=needle):
         parse_location(text)
+
+
+def test_rbd_timeout_defaults_to_thirty_seconds() -> None:
+    location = parse_location("rbd:p/i?conf=/c")
+    assert isinstance(location, RbdLocation)
+    assert location.timeout == RBD_DEFAULT_TIMEOUT == 30
+
+
+@given(timeout=st.integers(1, 86400))
+def test_rbd_timeout_accepts_every_second_of_a_day(timeout: int) -> None:
+    location = parse_location(f"rbd:p/i?timeout={timeout}")
+    assert isinstance(location, RbdLocation) and location.timeout == timeout
 
 
 @given(

@@ -48,15 +48,21 @@ from scsi_emulation.backends.librbd import (
     Library,
     UpdateCallback,
 )
-from scsi_emulation.backends.uri import LocationError, RbdLocation, parse_location
+from scsi_emulation.backends.uri import (
+    RBD_DEFAULT_TIMEOUT,
+    LocationError,
+    RbdLocation,
+    parse_location,
+)
 
 __all__ = ["OP_TIMEOUT", "RbdBackend", "load_bindings"]
 
 logger = logging.getLogger(__name__)
 
 #: Seconds before a monitor or OSD operation fails instead of waiting for the cluster forever
-#: (librados retries a lost connection by itself within this bound).
-OP_TIMEOUT = 30
+#: (librados retries a lost connection by itself within this bound), unless the location says
+#: otherwise (``rbd:POOL/IMAGE?timeout=SECONDS``, `RbdLocation.timeout`).
+OP_TIMEOUT = RBD_DEFAULT_TIMEOUT
 #: How far `allocation` looks ahead in one diff_iterate call.
 _ALLOCATION_WINDOW = 1 << 30
 #: Completions taken per rbd_poll_io_events call.
@@ -197,7 +203,12 @@ class RbdBackend(StorageBackend):
         cls, location: RbdLocation | str, *, read_only: bool = False, timeout: int = 10
     ) -> RbdBackend:
         """Connect to the cluster and open the image; `BackendError` with a one-line message
-        for the operator when the libraries, the cluster, the pool or the image are missing."""
+        for the operator when the libraries, the cluster, the pool or the image are missing.
+
+        ``timeout`` bounds connecting (``client_mount_timeout``); the location's own
+        ``timeout`` bounds every monitor and OSD operation afterwards: a request to a cluster
+        that stopped answering fails with ETIMEDOUT after it, and the same open image serves
+        again once the cluster is back."""
         if isinstance(location, str):
             parsed = parse_location(location)
             if not isinstance(parsed, RbdLocation):
@@ -205,7 +216,7 @@ class RbdBackend(StorageBackend):
             location = parsed
         where = str(location)
         lib = load_bindings()
-        settings = ClusterSettings(location.conf, location.user, timeout, OP_TIMEOUT)
+        settings = ClusterSettings(location.conf, location.user, timeout, location.timeout)
         try:
             cluster = Cluster(settings)
         except BackendError as e:
@@ -621,7 +632,9 @@ class RbdBackend(StorageBackend):
             self._ready = False
             self._closing = True
             self._stop_thread()
-        deadline = time.monotonic() + OP_TIMEOUT
+        # A request in flight ends within the op timeout, failed if the cluster is gone (writes
+        # queued for the exclusive lock take one more each); rbd_close waits for the rest.
+        deadline = time.monotonic() + self._location.timeout + 1
         while self._pending and time.monotonic() < deadline:
             select.select([self._event_fd], [], [], 0.1)
             _clear(self._event_fd)

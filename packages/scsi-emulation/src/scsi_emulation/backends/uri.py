@@ -8,7 +8,9 @@ dataclasses it returns, and `open_backend`, which opens the matching back-end. A
 - ``nbd://HOST[:PORT]/EXPORT`` (default port 10809, IPv6 hosts in brackets) and
   ``nbd+unix:///EXPORT?socket=PATH``, after the NBD URI specification (NetworkBlockDevice
   doc/uri.md); ``nbds`` (TLS) is refused;
-- ``rbd:POOL/IMAGE[?conf=PATH&id=USER]``.
+- ``rbd:POOL/IMAGE[?conf=PATH&id=USER&timeout=SECONDS]``; ``timeout`` bounds each monitor and
+  OSD operation (default `RBD_DEFAULT_TIMEOUT`): past it a request fails instead of waiting
+  for a cluster that stopped answering.
 
 A text without one of these scheme prefixes is a path, so ``disk:1.img`` stays a file name.
 Syntax errors are `LocationError`; a back-end that cannot be opened (missing image,
@@ -27,6 +29,8 @@ from scsi_emulation.backend import BackendError, FileBackend, StorageBackend
 
 __all__ = [
     "NBD_DEFAULT_PORT",
+    "RBD_DEFAULT_TIMEOUT",
+    "RBD_MAX_TIMEOUT",
     "FileLocation",
     "LocationError",
     "NbdLocation",
@@ -37,6 +41,10 @@ __all__ = [
 ]
 
 NBD_DEFAULT_PORT = 10809
+#: Seconds an RBD request waits for the cluster before it fails (``timeout=`` overrides it).
+RBD_DEFAULT_TIMEOUT = 30
+#: The largest ``timeout=`` accepted (a day): more is waiting for good in all but name.
+RBD_MAX_TIMEOUT = 86400
 
 _TRUE = ("on", "yes", "true", "1")
 _FALSE = ("off", "no", "false", "0")
@@ -76,12 +84,14 @@ class NbdLocation:
 
 @dataclass(frozen=True, slots=True)
 class RbdLocation:
-    """A Ceph RBD image: ``pool``/``image``, with an optional ceph.conf and client id."""
+    """A Ceph RBD image: ``pool``/``image``, with an optional ceph.conf and client id, and the
+    seconds a monitor or OSD operation may take before it fails (``timeout``)."""
 
     pool: str
     image: str
     conf: str | None = None
     user: str | None = None
+    timeout: int = RBD_DEFAULT_TIMEOUT
 
     def __str__(self) -> str:
         return f"rbd:{self.pool}/{self.image}"
@@ -165,14 +175,26 @@ def _parse_nbd(text: str) -> NbdLocation:
 
 def _parse_rbd(text: str) -> RbdLocation:
     body, _, query = text[len("rbd:") :].partition("?")
-    params = _query(query, ("conf", "id"), text)
+    params = _query(query, ("conf", "id", "timeout"), text)
     pool, sep, image = body.partition("/")
     if not sep or not pool or not image or "/" in image:
         raise LocationError(f"{text!r}: expected rbd:POOL/IMAGE")
     for key in ("conf", "id"):
         if key in params and not params[key]:
             raise LocationError(f"{text!r}: empty {key}=")
-    return RbdLocation(pool, image, params.get("conf"), params.get("id"))
+    timeout = RBD_DEFAULT_TIMEOUT
+    if "timeout" in params:
+        value = params["timeout"]
+        # ASCII digits only (int() would also take "+5", " 5", "5_0"), and few of them (int()
+        # refuses thousands).
+        digits = value.isascii() and value.isdigit() and len(value) <= 9
+        if not (digits and 0 < int(value) <= RBD_MAX_TIMEOUT):
+            raise LocationError(
+                f"{text!r}: timeout={value!r} is not a whole number of seconds"
+                f" from 1 to {RBD_MAX_TIMEOUT}"
+            )
+        timeout = int(value)
+    return RbdLocation(pool, image, params.get("conf"), params.get("id"), timeout)
 
 
 def parse_location(text: str) -> StorageLocation:
