@@ -157,6 +157,7 @@ class BusyPoll:
         """Spin whenever armed and the loop is idle; park otherwise. Runs until cancelled."""
         poll = self._epoll.poll
         clock = time.perf_counter_ns
+        yield_cpu = os.sched_yield
         task = trio.lowlevel.current_task()
         task_status.started()
         try:
@@ -175,6 +176,9 @@ class BusyPoll:
                             break
                         if clock() >= end:
                             break
+                        # A thread that wants this CPU (a guest's vCPU, the storage server)
+                        # gets it: spinning must only use time nobody else wants.
+                        yield_cpu()
                     if hit:
                         # The loop now finds the descriptor ready and runs its task without
                         # sleeping; spin again at the next idle moment (a hit needs no change
