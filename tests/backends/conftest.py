@@ -21,14 +21,12 @@ _REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[2])
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from scsi_emulation.backend import BackendError  # noqa: E402
-from scsi_emulation.backends import librbd  # noqa: E402
 
-from tests.backends.ceph import CEPH_TOOLS, CephStartError, ceph_down, start_ceph  # noqa: E402
 from tests.backends.servers import (  # noqa: E402
     CephCluster,
     LoopDevice,
     NbdServer,
+    ceph_cluster_in,
     free_port,
     nbdkit_argv,
     require,
@@ -139,18 +137,5 @@ def make_loop(tmp_path: pathlib.Path) -> Iterator[object]:
 @pytest.fixture(scope="session")
 def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
     """One mon + one memstore OSD on 127.0.0.1 with pool ``rbd`` (about 10 s to start)."""
-    for tool in CEPH_TOOLS:
-        require(tool)
-    try:  # the RBD back-end needs librbd itself (ctypes), not Ceph's Python bindings
-        librbd.load()
-    except BackendError as exc:
-        pytest.skip(str(exc))
-    root = tmp_path_factory.mktemp("ceph")
-    try:
-        conf = start_ceph(root)
-    except CephStartError as exc:
-        pytest.fail(str(exc))
-    try:
-        yield CephCluster(conf, root)
-    finally:
-        ceph_down(root)
+    with ceph_cluster_in(tmp_path_factory.mktemp("ceph")) as cluster:
+        yield cluster

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -90,3 +91,29 @@ class LoopDevice:
 class CephCluster:
     conf: pathlib.Path
     dir: pathlib.Path
+
+
+@contextlib.contextmanager
+def ceph_cluster_in(root: pathlib.Path) -> Iterator[CephCluster]:
+    """One mon + one memstore OSD on 127.0.0.1 with pool ``rbd`` in the empty ``root`` (about
+    10 s to start), stopped afterwards; skips without the Ceph tools or librbd (the RBD
+    back-end needs librbd itself, through ctypes, not Ceph's Python bindings)."""
+    from scsi_emulation.backend import BackendError
+    from scsi_emulation.backends import librbd
+
+    from tests.backends.ceph import CEPH_TOOLS, CephStartError, ceph_down, start_ceph
+
+    for tool in CEPH_TOOLS:
+        require(tool)
+    try:
+        librbd.load()
+    except BackendError as exc:
+        pytest.skip(str(exc))
+    try:
+        conf = start_ceph(root)
+    except CephStartError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield CephCluster(conf, root)
+    finally:
+        ceph_down(root)

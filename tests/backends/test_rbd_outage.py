@@ -46,10 +46,9 @@ from scsi_emulation.backends.rbd import RbdBackend
 from scsi_emulation.io_pool import IoWorkerPool
 from scsi_emulation.testing import CommandResult, poll_until, run_command
 
-from tests.backends.ceph import CEPH_TOOLS, CephStartError, ceph_down, start_ceph
 from tests.backends.queue_depth_guest import READ_10, RW10, WRITE_10, QueueDepthGuest
 from tests.backends.scsi_checks import read16, scsi_disk, unmap, write16
-from tests.backends.servers import CephCluster, require
+from tests.backends.servers import CephCluster, ceph_cluster_in
 from tests.e2e.daemon import RunningDaemon
 
 pytestmark = pytest.mark.backends
@@ -71,21 +70,8 @@ LATEST = TIMEOUT + 3
 @pytest.fixture(scope="module")
 def own_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
     """A single-node cluster for this module alone: its daemons get frozen."""
-    for tool in CEPH_TOOLS:
-        require(tool)
-    try:
-        librbd.load()
-    except BackendError as exc:
-        pytest.skip(str(exc))
-    root = tmp_path_factory.mktemp("ceph-outage")
-    try:
-        conf = start_ceph(root)
-    except CephStartError as exc:
-        pytest.fail(str(exc))
-    try:
-        yield CephCluster(conf, root)
-    finally:
-        ceph_down(root)
+    with ceph_cluster_in(tmp_path_factory.mktemp("ceph-outage")) as cluster:
+        yield cluster
 
 
 @pytest.fixture

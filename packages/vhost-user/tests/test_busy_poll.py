@@ -6,6 +6,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -67,6 +69,22 @@ def _write_later(fd: int, delay: float) -> threading.Thread:
     return thread
 
 
+@asynccontextmanager
+async def spinning(busy: BusyPoll) -> AsyncIterator[int]:
+    """``busy`` running in a nursery and watching a fresh eventfd (yielded); all released
+    afterwards."""
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        busy.watch(fd)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(busy.run)
+            yield fd
+            nursery.cancel_scope.cancel()
+    finally:
+        busy.close()
+        os.close(fd)
+
+
 async def _armed(busy: BusyPoll, window_ns: int) -> None:
     """Let the spinner park, then give it a window and report activity (which arms it)."""
     await trio.testing.wait_all_tasks_blocked()
@@ -76,44 +94,28 @@ async def _armed(busy: BusyPoll, window_ns: int) -> None:
 
 async def test_a_spin_catches_an_event_and_the_loop_does_not_sleep() -> None:
     busy = BusyPoll(500_000_000)
-    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    try:
-        busy.watch(fd)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(busy.run)
-            await _armed(busy, 400_000_000)
-            writer = _write_later(fd, 0.005)
-            # This task blocks; the spinner spins on its own thread's time and sees the write.
-            await trio.lowlevel.wait_readable(fd)
-            writer.join()
-            assert busy.spins >= 1
-            assert busy.hits >= 1
-            nursery.cancel_scope.cancel()
-    finally:
-        busy.close()
-        os.close(fd)
+    async with spinning(busy) as fd:
+        await _armed(busy, 400_000_000)
+        writer = _write_later(fd, 0.005)
+        # This task blocks; the spinner spins on its own thread's time and sees the write.
+        await trio.lowlevel.wait_readable(fd)
+        writer.join()
+        assert busy.spins >= 1
+        assert busy.hits >= 1
 
 
 async def test_an_idle_loop_stops_spinning_and_uses_no_cpu() -> None:
     busy = BusyPoll(2_000_000)
-    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    try:
-        busy.watch(fd)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(busy.run)
-            await _armed(busy, 2_000_000)
-            await trio.sleep(0.05)  # one 2 ms spin misses, then the spinner parks
-            spins = busy.spins
-            assert spins >= 1
-            assert busy.hits == 0
-            cpu = time.process_time()
-            await trio.sleep(0.3)
-            assert busy.spins == spins
-            assert time.process_time() - cpu < 0.1  # parked, not spinning for 300 ms
-            nursery.cancel_scope.cancel()
-    finally:
-        busy.close()
-        os.close(fd)
+    async with spinning(busy):
+        await _armed(busy, 2_000_000)
+        await trio.sleep(0.05)  # one 2 ms spin misses, then the spinner parks
+        spins = busy.spins
+        assert spins >= 1
+        assert busy.hits == 0
+        cpu = time.process_time()
+        await trio.sleep(0.3)
+        assert busy.spins == spins
+        assert time.process_time() - cpu < 0.1  # parked, not spinning for 300 ms
 
 
 async def test_nothing_spins_when_not_worth_it() -> None:
@@ -124,49 +126,33 @@ async def test_nothing_spins_when_not_worth_it() -> None:
         return False
 
     busy = BusyPoll(2_000_000, worth_it=worth_it)
-    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    try:
-        busy.watch(fd)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(busy.run)
-            await _armed(busy, 2_000_000)
-            await trio.sleep(0.05)
-            assert asked
-            assert busy.spins == 0
-            nursery.cancel_scope.cancel()
-    finally:
-        busy.close()
-        os.close(fd)
+    async with spinning(busy):
+        await _armed(busy, 2_000_000)
+        await trio.sleep(0.05)
+        assert asked
+        assert busy.spins == 0
 
 
 async def test_the_window_grows_to_catch_short_waits_and_shrinks_after_long_ones() -> None:
     busy = BusyPoll(50_000_000)  # 50 ms cap: waits of a few ms are worth catching
-    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    try:
-        busy.watch(fd)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(busy.run)
-            await trio.testing.wait_all_tasks_blocked()
-            assert busy.window_ns == 0
-            # Events 2 ms apart: each missed spin grows the window until one covers the wait.
-            for _ in range(20):
-                await trio.sleep(0.002)
-                busy.activity()
-            assert busy.window_ns >= START_NS
-            grown = busy.window_ns
-            # Waits longer than the cap: each halves the window, down to off.
-            busy.max_ns = 1_000_000
-            for _ in range(30):
-                await trio.sleep(0.005)
-                busy.activity()
-                if not busy.window_ns:
-                    break
-            assert busy.window_ns < grown
-            assert busy.window_ns == 0
-            nursery.cancel_scope.cancel()
-    finally:
-        busy.close()
-        os.close(fd)
+    async with spinning(busy):
+        await trio.testing.wait_all_tasks_blocked()
+        assert busy.window_ns == 0
+        # Events 2 ms apart: each missed spin grows the window until one covers the wait.
+        for _ in range(20):
+            await trio.sleep(0.002)
+            busy.activity()
+        assert busy.window_ns >= START_NS
+        grown = busy.window_ns
+        # Waits longer than the cap: each halves the window, down to off.
+        busy.max_ns = 1_000_000
+        for _ in range(30):
+            await trio.sleep(0.005)
+            busy.activity()
+            if not busy.window_ns:
+                break
+        assert busy.window_ns < grown
+        assert busy.window_ns == 0
 
 
 async def test_a_readable_descriptor_nobody_handles_does_not_spin_for_good() -> None:
