@@ -228,3 +228,20 @@ def test_the_daemon_does_not_import_test_tools() -> None:
     code = "import sys, vhost_device_scsi.daemon; print('pytest' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_spinning_is_worth_it_only_at_low_depth_and_with_idle_io_threads() -> None:
+    from types import SimpleNamespace
+    from typing import Any
+
+    from vhost_device_scsi.daemon import SPIN_MAX_OUTSTANDING, _worth_spinning
+
+    def device(outstanding: int) -> Any:
+        return SimpleNamespace(requests=SimpleNamespace(outstanding=outstanding))
+
+    idle: Any = SimpleNamespace(io_busy=0)
+    working: Any = SimpleNamespace(io_busy=1)
+    assert _worth_spinning([], idle)
+    assert _worth_spinning([device(SPIN_MAX_OUTSTANDING)], idle)
+    assert not _worth_spinning([device(SPIN_MAX_OUTSTANDING + 1)], idle)
+    assert not _worth_spinning([device(0)], working)  # the workers need the GIL spinning holds

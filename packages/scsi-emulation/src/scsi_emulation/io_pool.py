@@ -32,6 +32,8 @@ class IoWorkerPool:
             raise ValueError("an IoWorkerPool needs at least one thread")
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._closed = False
+        self._busy = 0
+        self._busy_lock = threading.Lock()
         self._threads = [
             threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
             for i in range(threads)
@@ -39,10 +41,18 @@ class IoWorkerPool:
         for t in self._threads:
             t.start()
 
+    @property
+    def busy(self) -> int:
+        """Jobs queued or running (a snapshot): a caller that busy-waits for their results
+        would hold the GIL the workers need to deliver them."""
+        return self._busy
+
     def submit(self, job: Job) -> None:
         """Queue ``job`` to run on a worker thread."""
         if self._closed:
             raise RuntimeError("IoWorkerPool is closed")
+        with self._busy_lock:
+            self._busy += 1
         self._jobs.put(job)
 
     def _run(self) -> None:
@@ -54,6 +64,9 @@ class IoWorkerPool:
                 job()
             except Exception:
                 logger.exception("I/O job failed")
+            finally:
+                with self._busy_lock:
+                    self._busy -= 1
 
     def close(self, wait: bool = True) -> None:
         """Stop the workers after the queued jobs have run."""

@@ -50,7 +50,11 @@ def _finish_completions(backends: list[ScsiBackend]) -> None:
         backend.requests.finish_all()
 
 
-def _worth_spinning(backends: list[ScsiBackend]) -> bool:
+def _worth_spinning(backends: list[ScsiBackend], luns: LunTable) -> bool:
+    # Not while I/O threads work (a read that missed the page cache): they need the GIL,
+    # which spinning holds most of the time, to hand their results back.
+    if luns.io_busy:
+        return False
     return all(b.requests.outstanding <= SPIN_MAX_OUTSTANDING for b in backends)
 
 
@@ -83,11 +87,11 @@ class Daemon:
         Remote back-ends (NBD, RBD) are polled from the daemon's trio loop (`BackendPoller`),
         so call it on the thread that will `run` the daemon."""
         backends: list[ScsiBackend] = []
-        busy = None
-        if options.poll_max_us:
-            busy = BusyPoll(options.poll_max_us * 1000, worth_it=partial(_worth_spinning, backends))
+        busy = BusyPoll(options.poll_max_us * 1000) if options.poll_max_us else None
         poller = BackendPoller(partial(_finish_completions, backends), busy_poll=busy)
         luns = LunTable(watcher=poller)
+        if busy is not None:
+            busy.worth_it = partial(_worth_spinning, backends, luns)
         try:
             for image in options.images:
                 luns.add(

@@ -87,6 +87,11 @@ class LunTable:
     def __len__(self) -> int:
         return len(self._specs)
 
+    @property
+    def io_busy(self) -> int:
+        """Back-end jobs queued or running on the I/O worker threads."""
+        return self._pool.busy
+
     def __contains__(self, lun: object) -> bool:
         return lun in self._specs
 
