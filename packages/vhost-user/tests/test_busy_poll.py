@@ -191,3 +191,71 @@ def test_watch_keeps_its_own_duplicate_and_close_releases_it() -> None:
     with open(__file__, "rb") as f:
         busy.watch(f.fileno())  # a regular file cannot be polled: ignored
     busy.close()
+
+
+async def test_a_handler_serves_the_event_and_the_waiting_task_stays_parked() -> None:
+    busy = BusyPoll(500_000_000)
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    served: list[int] = []
+    woken: list[bool] = []
+
+    def handler() -> None:
+        served.append(os.eventfd_read(fd))  # consumes the event, as a device handler does
+        busy.activity()
+
+    async def waiter() -> None:
+        await trio.lowlevel.wait_readable(fd)
+        woken.append(True)
+
+    try:
+        busy.watch(fd, handler)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(busy.run)
+            nursery.start_soon(waiter)
+            await _armed(busy, 400_000_000)
+            writer = _write_later(fd, 0.005)
+            # The loop idles (this task waits on a condition nobody sets but the handler):
+            # the spinner spins and catches the write before trio sees it.
+            with trio.fail_after(5):
+                await trio.testing.wait_all_tasks_blocked()
+                while not served:
+                    await trio.testing.wait_all_tasks_blocked()
+            writer.join()
+            await trio.sleep(0.05)
+            assert served == [1]
+            assert busy.dispatched == 1
+            assert not woken  # trio never reported the event the handler consumed
+            nursery.cancel_scope.cancel()
+    finally:
+        busy.close()
+        os.close(fd)
+
+
+async def test_a_failing_handler_is_logged_and_spinning_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    busy = BusyPoll(500_000_000)
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    calls: list[int] = []
+
+    def handler() -> None:
+        calls.append(os.eventfd_read(fd))
+        raise RuntimeError("device bug")
+
+    try:
+        busy.watch(fd, handler)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(busy.run)
+            for round_ in range(2):
+                await _armed(busy, 400_000_000)
+                writer = _write_later(fd, 0.002)
+                with trio.fail_after(5):
+                    while len(calls) <= round_:
+                        await trio.testing.wait_all_tasks_blocked()
+                writer.join()
+            assert calls == [1, 1]
+            assert "a handler failed" in caplog.text
+            nursery.cancel_scope.cancel()
+    finally:
+        busy.close()
+        os.close(fd)

@@ -199,8 +199,15 @@ class Daemon:
     def close(self) -> None:
         """Release images and remove the socket files we created."""
         self.luns.close()
-        if self.busy_poll is not None:
-            self.busy_poll.close()
+        busy = self.busy_poll
+        if busy is not None:
+            logger.info(
+                "busy polling: %d spins, %d found an event, %d events handled in the spin",
+                busy.spins,
+                busy.hits,
+                busy.dispatched,
+            )
+            busy.close()
         with contextlib.suppress(OSError):
             self.listener.close()
         for path, sock in (

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from functools import partial
 
 # trio 0.22 ships no type information; newer trio does.
 import trio
@@ -114,7 +115,9 @@ class BackendPoller:
             return
         self._unspin(backend)
         if fd is not None:
-            busy.watch(fd)
+            # A spin that finds the descriptor readable services the back-end itself: the
+            # drive task stays parked in its wait (and copes with finding nothing later).
+            busy.watch(fd, partial(self._service, backend.service, threading.get_ident()))
             self._spun[backend] = fd
 
     def _unspin(self, backend: StorageBackend) -> None:
@@ -136,12 +139,9 @@ class BackendPoller:
     ) -> None:
         interval = backend.poll_interval
         poll_fileno = backend.poll_fileno
-        service = backend.service
-        on_serviced = self._on_serviced
+        serve = partial(self._service, backend.service, threading.get_ident())
         waiting = self._waiting
         wait_readable = trio.lowlevel.wait_readable
-        deferral = completions.deferral
-        ident = threading.get_ident()
         busy = self.busy_poll
         with scope:
             while True:
@@ -158,22 +158,28 @@ class BackendPoller:
                         pass  # woken by `_tick`
                     finally:
                         waiting.pop(backend, None)
-                # `deferred_wakeups()` spelled out: this runs once per reply burst, and at
-                # queue depth 1 once per request (a generator context manager costs ~1.5 us).
-                deferral.thread = ident
-                try:
-                    service()
-                except Exception:
-                    # A back-end bug must not end polling (its requests would hang): log it
-                    # and keep going; the back-end's own timeouts fail what is stuck.
-                    logger.exception("servicing the storage back-end failed")
-                finally:
-                    deferral.thread = 0
-                try:
-                    on_serviced()
-                except Exception:
-                    # Same rule: one bad completion must not stop every later one (the
-                    # daemon's serve nursery would end with this task).
-                    logger.exception("finishing completions of a polled back-end failed")
-                if busy is not None:
-                    busy.activity()
+                serve()
+
+    def _service(self, service: Callable[[], None], ident: int) -> None:
+        """Service a back-end and finish what completed; on the trio thread (``ident``), from
+        its drive task or from a busy-polling spin."""
+        # `deferred_wakeups()` spelled out: this runs once per reply burst, and at queue depth
+        # 1 once per request (a generator context manager costs ~1.5 us).
+        deferral = completions.deferral
+        deferral.thread = ident
+        try:
+            service()
+        except Exception:
+            # A back-end bug must not end polling (its requests would hang): log it and keep
+            # going; the back-end's own timeouts fail what is stuck.
+            logger.exception("servicing the storage back-end failed")
+        finally:
+            deferral.thread = 0
+        try:
+            self._on_serviced()
+        except Exception:
+            # Same rule: one bad completion must not stop every later one (the daemon's
+            # serve nursery would end with the drive task).
+            logger.exception("finishing completions of a polled back-end failed")
+        if self.busy_poll is not None:
+            self.busy_poll.activity()

@@ -101,12 +101,22 @@ class BusyPoll:
         self.hits = 0
         self._epoll = select.epoll()
         self._watched: dict[int, int] = {}  # fd -> our duplicate in the epoll set
+        self._handlers: dict[int, Callable[[], None]] = {}  # duplicate -> handler
+        #: Events a spin handed to a handler (a subset of the hits' events).
+        self.dispatched = 0
         self._unclaimed = 0  # hits in a row that no `activity` followed
         self._parked: trio.lowlevel.Task | None = None
         self._parked_at = 0
 
-    def watch(self, fd: int) -> None:
-        """Spin on ``fd`` (readable) too, until `unwatch`."""
+    def watch(self, fd: int, handler: Callable[[], None] | None = None) -> None:
+        """Spin on ``fd`` (readable) too, until `unwatch`.
+
+        With a ``handler``, a spin that finds ``fd`` readable calls it (on the loop's thread)
+        instead of letting trio wake the task that waits for ``fd``: no task switch, and that
+        task's wait stays armed without being re-registered. The handler must do what the task
+        would (consume the event: trio then does not report it), and the task must tolerate
+        being woken later with nothing to do. An exception in it is logged and not raised.
+        """
         if fd in self._watched:
             return
         # Registered through a duplicate that `unwatch` closes: a descriptor closed before
@@ -125,11 +135,14 @@ class BusyPoll:
             logger.debug("busy poll: cannot watch fd %d: %s", fd, exc)
             return
         self._watched[fd] = dup
+        if handler is not None:
+            self._handlers[dup] = handler
 
     def unwatch(self, fd: int) -> None:
         """Stop spinning on ``fd``."""
         dup = self._watched.pop(fd, None)
         if dup is not None:
+            self._handlers.pop(dup, None)
             with contextlib.suppress(OSError, ValueError):
                 self._epoll.unregister(dup)
             os.close(dup)
@@ -171,8 +184,10 @@ class BusyPoll:
                     end = start + window
                     hit = False
                     while True:
-                        if poll(0):
+                        events = poll(0)
+                        if events:
                             hit = True
+                            self._dispatch(events)
                             break
                         if clock() >= end:
                             break
@@ -180,9 +195,10 @@ class BusyPoll:
                         # gets it: spinning must only use time nobody else wants.
                         yield_cpu()
                     if hit:
-                        # The loop now finds the descriptor ready and runs its task without
-                        # sleeping; spin again at the next idle moment (a hit needs no change
-                        # of window).
+                        # Handled here, or the loop now finds the descriptor ready and runs its
+                        # task without sleeping; either way back to the loop (its other tasks
+                        # must run), then spin again at its next idle moment (a hit needs no
+                        # change of window).
                         self.hits += 1
                         self._unclaimed += 1
                         worth_it = self.worth_it
@@ -195,6 +211,18 @@ class BusyPoll:
                 await trio.lowlevel.wait_task_rescheduled(self._abort)
         finally:
             self._parked = None
+
+    def _dispatch(self, events: list[tuple[int, int]]) -> None:
+        handlers = self._handlers
+        for dup, _ in events:
+            handler = handlers.get(dup)
+            if handler is None:
+                continue  # trio wakes the task waiting for it
+            self.dispatched += 1
+            try:
+                handler()
+            except Exception:
+                logger.exception("busy poll: a handler failed")
 
     def _abort(self, _raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         self._parked = None

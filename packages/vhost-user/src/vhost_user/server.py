@@ -77,7 +77,27 @@ async def run_queue(
     wait_readable = trio.lowlevel.wait_readable
     busy = backend.busy_poll
     if busy is not None:
-        busy.watch(kick_fd)
+
+        def kicked() -> None:
+            """A kick a spin found: served as the loop below would (it stays parked)."""
+            if scope.cancel_called:
+                return  # stopped: the ring is not ours now
+            try:
+                eventfd_read(kick_fd)
+            except BlockingIOError:
+                return
+            except OSError:  # closed under us: the task below sees it and ends
+                return
+            try:
+                _drain(handle, index, vring)
+            except Exception as exc:  # as below: stop this queue only
+                log.error("vring %d: queue processing stopped: %r", index, exc)
+                scope.cancel()
+                busy.unwatch(kick_fd)
+                return
+            busy.activity()
+
+        busy.watch(kick_fd, kicked)
     with scope:
         try:
             # Chains made available before the ring went live (or resubmitted after a
