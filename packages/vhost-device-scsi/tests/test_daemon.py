@@ -236,8 +236,8 @@ def test_spinning_is_worth_it_only_at_low_depth_and_with_idle_io_threads() -> No
 
     from vhost_device_scsi.daemon import SPIN_MAX_OUTSTANDING, _worth_spinning
 
-    def device(outstanding: int) -> Any:
-        return SimpleNamespace(requests=SimpleNamespace(outstanding=outstanding))
+    def device(peak: int) -> Any:
+        return SimpleNamespace(requests=SimpleNamespace(take_peak=lambda: peak))
 
     idle: Any = SimpleNamespace(io_busy=0)
     working: Any = SimpleNamespace(io_busy=1)

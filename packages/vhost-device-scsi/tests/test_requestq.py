@@ -272,6 +272,8 @@ async def test_pending_commands_between_inline_ones_keep_their_own_callbacks(
         await rq.channel.wait()
     rq.finish_all()
     assert rq.outstanding == 0
+    assert rq.take_peak() == 3  # all three were outstanding after the batch
+    assert rq.take_peak() == 0  # none since
     assert driver.used() == {
         cmds[0][0]: 108 + 64 - 1,
         cmds[2][0]: 108 + 16 - 2,

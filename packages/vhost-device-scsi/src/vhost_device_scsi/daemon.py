@@ -55,7 +55,10 @@ def _worth_spinning(backends: list[ScsiBackend], luns: LunTable) -> bool:
     # which spinning holds most of the time, to hand their results back.
     if luns.io_busy:
         return False
-    return all(b.requests.outstanding <= SPIN_MAX_OUTSTANDING for b in backends)
+    # The peak since the last decision, not the count now: a deep queue whose replies came in
+    # one burst has nothing outstanding for a moment, and spinning then would take the CPU
+    # the storage server needs for the next burst.
+    return all(b.requests.take_peak() <= SPIN_MAX_OUTSTANDING for b in backends)
 
 
 class Daemon:

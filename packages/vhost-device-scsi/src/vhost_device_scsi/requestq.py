@@ -145,6 +145,7 @@ class RequestQueues:
         #: Commands the target left pending and `finish` has not completed yet (all queues):
         #: how busy the device is, for the daemon's busy polling.
         self.outstanding = 0
+        self._peak = 0  # the most outstanding after a batch since `take_peak`
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -270,8 +271,18 @@ class RequestQueues:
         finally:
             self._spare = pending
             target.end_batch()
+            if self.outstanding > self._peak:
+                self._peak = self.outstanding
         if notify:
             vring.notify()
+
+    def take_peak(self) -> int:
+        """The most commands outstanding at once since the last call (at least those now): a
+        queue that drains in bursts reads busy even between them."""
+        now = self.outstanding
+        peak = max(self._peak, now)
+        self._peak = now
+        return peak
 
     def _handle(
         self,
