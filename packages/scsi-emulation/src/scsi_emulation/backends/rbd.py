@@ -32,6 +32,7 @@ import os
 import select
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from scsi_emulation.backend import BackendError, Buffers, Done, StorageBackend
@@ -307,33 +308,7 @@ class RbdBackend(StorageBackend):
             return
         if offset + length > self._size and self._past_end(offset, buffers, length, done):
             return
-        try:
-            if len(buffers) == 1:
-                view = buffers[0]
-                anchor = _from_buffer(view)
-                iov: Any = Iovec(_addressof(anchor), view.nbytes)
-                count = 1
-            else:
-                iov, count, anchor = _iovecs(buffers, True)
-        except (TypeError, ValueError) as e:
-            # An empty buffer lands here too (ctypes refuses to map 0 bytes): nothing to do.
-            done(
-                None
-                if not length
-                else BackendError(errno.EINVAL, f"{self._where}: read at {offset}: {e}")
-            )
-            return
-        if not count:
-            done(None)
-            return
-        comp = _c_void_p()
-        self._create(None, None, comp)  # only allocates: cannot fail
-        c: int = comp.value  # type: ignore[assignment]
-        # Recorded before submitting: the completion may be taken before readv returns.
-        self._pending[c] = (_READ, done, offset, length, buffers, (anchor, iov))
-        rc = self._readv(self._image, iov, count, offset, c)
-        if rc < 0:
-            self._refused(c, rc)
+        self._submit_rw(_READ, self._readv, offset, buffers, length, done)
 
     def submit_write(
         self, offset: int, buffers: Buffers, length: int, durable: bool, done: Done
@@ -343,30 +318,46 @@ class RbdBackend(StorageBackend):
         if self._read_only:
             done(BackendError(errno.EROFS, f"{self._where} is read-only"))
             return
+        kind = _DURABLE_WRITE if durable else _WRITE
+        self._submit_rw(kind, self._writev, offset, buffers, length, done)
+
+    def _submit_rw(
+        self,
+        kind: int,
+        aio: Callable[..., int],
+        offset: int,
+        buffers: Buffers,
+        length: int,
+        done: Done,
+    ) -> None:
+        """Hand a read or write of ``buffers`` to librbd (``aio``: rbd_aio_readv/writev),
+        mapped in place; only a write from read-only memory is copied (librbd reads it)."""
+        writable = kind == _READ
         try:
             if len(buffers) == 1:
                 view = buffers[0]
-                anchor = _pin(view, False)
+                anchor = _pin(view, writable)
                 iov: Any = Iovec(_addressof(anchor), view.nbytes)
                 count = 1
             else:
-                iov, count, anchor = _iovecs(buffers, False)
+                iov, count, anchor = _iovecs(buffers, writable)
         except (TypeError, ValueError) as e:
+            # An empty buffer lands here too (ctypes refuses to map 0 bytes): nothing to do.
             done(
                 None
                 if not length
-                else BackendError(errno.EINVAL, f"{self._where}: write at {offset}: {e}")
+                else BackendError(errno.EINVAL, f"{self._where}: {_WHAT[kind]} at {offset}: {e}")
             )
             return
         if not count or not length:
             done(None)
             return
         comp = _c_void_p()
-        self._create(None, None, comp)
+        self._create(None, None, comp)  # only allocates: cannot fail
         c: int = comp.value  # type: ignore[assignment]
-        kind = _DURABLE_WRITE if durable else _WRITE
+        # Recorded before submitting: the completion may be taken before the call returns.
         self._pending[c] = (kind, done, offset, length, buffers, (anchor, iov))
-        rc = self._writev(self._image, iov, count, offset, c)
+        rc = aio(self._image, iov, count, offset, c)
         if rc < 0:
             self._refused(c, rc)
 
