@@ -37,6 +37,7 @@ else:
 __all__ = [
     "PROFILES",
     "Profile",
+    "check_outcomes",
     "junit_xml",
     "load_expected_failures",
     "run_suite",
@@ -212,6 +213,24 @@ def totals_line(outcomes: Mapping[str, Outcome]) -> str:
         f"iscsi-test-cu: {counts[Outcome.PASSED]} passed, {counts[Outcome.FAILED]} failed, "
         f"{counts[Outcome.SKIPPED]} skipped of {len(outcomes)}"
     )
+
+
+def check_outcomes(
+    outcomes: Mapping[str, Outcome],
+    expected: Mapping[str, str],
+    *,
+    min_parsed: int,
+    min_passed: int,
+    where: str = "",
+) -> None:
+    """The conformance verdict (pytest assertions): at least ``min_parsed`` tests parsed, no
+    failure outside ``expected``, at least ``min_passed`` passed."""
+    suffix = f" {where}" if where else ""
+    assert len(outcomes) >= min_parsed, f"only {len(outcomes)} tests parsed"
+    unexpected = sorted(n for n, o in outcomes.items() if o is Outcome.FAILED and n not in expected)
+    assert not unexpected, f"unexpected failures{suffix}: {unexpected}"
+    passed = sum(o is Outcome.PASSED for o in outcomes.values())
+    assert passed >= min_passed, f"{passed} passed, fewer than {min_passed}"
 
 
 def junit_xml(outcomes: Mapping[str, Outcome], expected: Mapping[str, str] | None = None) -> str:
