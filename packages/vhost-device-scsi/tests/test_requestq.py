@@ -288,7 +288,7 @@ async def test_pending_commands_between_inline_ones_keep_their_own_callbacks(
         assert driver.read(din)[: din[1] - residual] == bytes([tag]) * (din[1] - residual)
 
 
-def test_each_drained_batch_is_bracketed_once_by_the_target_batch_hooks(driver: Driver) -> None:
+def test_a_drained_batch_opens_at_its_second_command_and_closes_once(driver: Driver) -> None:
     calls: list[str] = []
 
     class Batching(FakeTarget):
@@ -307,7 +307,11 @@ def test_each_drained_batch_is_bracketed_once_by_the_target_batch_hooks(driver: 
     for i in range(3):
         driver.command(bytes([READ_10]), data_in=512, tag=i)
     rq.process(driver.vring)
-    assert calls == ["begin", "execute", "execute", "execute", "end"]
+    # The first command is started at once; the rest are held back together.
+    assert calls == ["execute", "begin", "execute", "execute", "end"]
     calls.clear()
-    rq.process(driver.vring)  # an empty ring: still a matched pair, nothing in between
-    assert calls == ["begin", "end"]
+    rq.process(driver.vring)  # an empty ring: no batch at all
+    assert calls == []
+    driver.command(bytes([READ_10]), data_in=512, tag=9)
+    rq.process(driver.vring)  # a lone command (queue depth 1): nothing held back
+    assert calls == ["execute"]

@@ -199,8 +199,12 @@ class RequestQueues:
         if pending is None:
             pending = PendingCommand(self.channel)
         target = self.target
-        # A remote back-end may hold the batch's requests back and send them together.
-        target.begin_batch()
+        # A remote back-end may hold a batch's requests back and send them together
+        # (begin/end_batch). The batch opens at its second chain: the first request goes out
+        # at once, so a lone one (queue depth 1) pays no holding back, and a deep queue's
+        # first request is on the wire while the rest are decoded.
+        first = True
+        batching = False
         try:
             while True:
                 try:
@@ -211,6 +215,11 @@ class RequestQueues:
                     continue
                 if chain is None:
                     break
+                if first:
+                    first = False
+                elif not batching:
+                    batching = True
+                    target.begin_batch()
                 # The fast path, inline because it is paid per command: the header in one
                 # device-readable buffer, the response fields in one device-writable buffer,
                 # a LUN seen before. Anything else goes to `_handle`, the general path, which
@@ -270,7 +279,8 @@ class RequestQueues:
             logger.error("request queue %d is broken: %s", vring.index, exc)
         finally:
             self._spare = pending
-            target.end_batch()
+            if batching:
+                target.end_batch()
             if self.outstanding > self._peak:
                 self._peak = self.outstanding
         if notify:
