@@ -8,6 +8,12 @@ request queue; each round `RequestQueues.process` drains them into an `EmulatedT
 process CPU time per command next to a straight-line loop doing the least the job needs (pop,
 unpack header and CDB, preadv/pwritev, pack the response, add_used), so the difference is what
 the layers cost. Thread CPU time, not wall time: other processes on the machine matter less.
+
+``--polled`` serves the same commands through the asynchronous path a remote back-end takes
+(submit, complete later): a file back-end that is `asynchronous` and polled does the I/O when
+submitted and runs the completions in `service()`, as NBD and RBD do when their replies arrive;
+each round is then process + service + finish_all under the poller's deferral. ``--depth 1``
+is queue depth 1, where every per-batch cost is paid per command.
 """
 
 from __future__ import annotations
@@ -19,11 +25,14 @@ import pstats
 import random
 import struct
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 
 from scsi_core.target import Response
 from scsi_emulation import BlockDevice, EmulatedTarget, FileBackend
+from scsi_emulation.backend import Buffers, Done
+from vhost_device_scsi import completions
 from vhost_device_scsi.completions import CompletionChannel
 from vhost_device_scsi.requestq import PendingCommand, RequestQueues
 from vhost_device_scsi.virtio_scsi import CMD_REQ_HEADER, CMD_RESP_HEADER
@@ -38,17 +47,51 @@ IMAGE_MB = 64
 HEADERS, RESPONSES, DATA = 1 << 20, 2 << 20, 4 << 20
 
 
-class Bench:
-    """One request queue with DEPTH commands that are made available again after each round."""
+class PolledFile(FileBackend):
+    """A file back-end on the asynchronous, polled path: the I/O is done at submission and its
+    completion runs in `service`, on the caller's thread (what NBD and RBD do on a reply)."""
 
-    def __init__(self, image: str, write: bool) -> None:
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self._done: list[Done] = []
+
+    @property
+    def asynchronous(self) -> bool:
+        return True
+
+    def start_polling(self) -> bool:
+        return True
+
+    def submit_read(self, offset: int, buffers: Buffers, length: int, done: Done) -> None:
+        os.preadv(self.fd, buffers, offset)
+        self._done.append(done)
+
+    def submit_write(
+        self, offset: int, buffers: Buffers, length: int, durable: bool, done: Done
+    ) -> None:
+        os.pwritev(self.fd, buffers, offset)
+        self._done.append(done)
+
+    def service(self) -> None:
+        done, self._done = self._done, []
+        for callback in done:
+            callback(None)
+
+
+class Bench:
+    """One request queue with ``depth`` commands that are made available again each round."""
+
+    def __init__(
+        self, image: str, write: bool, *, polled: bool = False, depth: int = DEPTH
+    ) -> None:
         self.memory = GuestMemory([MemoryRegion.anonymous(0, 16 << 20)])
         self.layout = QueueLayout.at(0, QUEUE_SIZE)
         self.driver = DriverQueue(self.memory, self.layout)
         self.queue = self.driver.device_queue(indirect=False)
         self.write = write
+        self.depth = depth
         self.heads: list[int] = []
-        for slot in range(DEPTH):
+        for slot in range(depth):
             hdr = (HEADERS + 64 * slot, CMD_REQ_HEADER.size + 32, False)
             resp = (RESPONSES + 128 * slot, CMD_RESP_HEADER.size + 96, True)
             data = (DATA + BLOCK * slot, BLOCK, not write)
@@ -57,7 +100,9 @@ class Bench:
             self._fill(slot)
         self.driver.publish()
         self.avail = self.memory.slice(self.layout.avail_addr, 4 + 2 * QUEUE_SIZE)
-        self.backend = FileBackend(image)
+        self.backend = PolledFile(image) if polled else FileBackend(image)
+        if polled:
+            self.backend.start_polling()
         self.target = EmulatedTarget({0: BlockDevice(self.backend)})
         channel: CompletionChannel[PendingCommand, Response] = CompletionChannel()
         self.requests = RequestQueues(self.target, channel)
@@ -65,6 +110,28 @@ class Bench:
         self.requests.start(self.vring)
         self.requests.process(self.vring)  # the power-on unit attention
         self.refill()
+
+    def polled_round(self) -> Callable[[], None]:
+        """One wake-up of the daemon on a polled back-end: drain the ring, then the back-end's
+        completions (run inside the deferral, as `polling.BackendPoller` does), finished on
+        the ring."""
+        process = self.requests.process
+        vring = self.vring
+        service = self.backend.service
+        finish_all = self.requests.finish_all
+        deferral = completions.deferral
+        ident = threading.get_ident()
+
+        def run() -> None:
+            process(vring)
+            deferral.thread = ident
+            try:
+                service()
+            finally:
+                deferral.thread = 0
+            finish_all()
+
+        return run
 
     def _fill(self, slot: int) -> None:
         rng = random.Random(slot)
@@ -120,7 +187,7 @@ class Bench:
                 self.refill()
             best = total if best is None else min(best, total)
         assert best is not None
-        return best / (rounds * DEPTH)
+        return best / (rounds * self.depth)
 
     def close(self) -> None:
         self.target.close()
@@ -132,6 +199,10 @@ def main() -> None:
     parser.add_argument("--write", action="store_true")
     parser.add_argument("--rounds", type=int, default=2000)
     parser.add_argument("--profile", action="store_true", help="cProfile the request path")
+    parser.add_argument(
+        "--polled", action="store_true", help="the asynchronous path of a polled back-end"
+    )
+    parser.add_argument("--depth", type=int, default=DEPTH, help=f"commands per round ({DEPTH})")
     opts = parser.parse_args()
     directory = "/dev/shm" if os.path.isdir("/dev/shm") else None
     fd, image = tempfile.mkstemp(dir=directory)
@@ -140,16 +211,19 @@ def main() -> None:
         for i in range(IMAGE_MB):
             os.pwrite(fd, chunk, i << 20)
         os.close(fd)
-        bench = Bench(image, opts.write)
+        bench = Bench(image, opts.write, polled=opts.polled, depth=opts.depth)
         try:
             process = bench.requests.process
             vring = bench.vring
 
-            def layered() -> None:
+            def plain() -> None:
                 process(vring)
+
+            layered = bench.polled_round() if opts.polled else plain
 
             floor = bench.straight_line()
             kind = "WRITE(10)" if opts.write else "READ(10)"
+            kind += f" depth {opts.depth}" + (" polled" if opts.polled else "")
             for _ in range(3):
                 ours = bench.measure(layered, opts.rounds)
                 least = bench.measure(floor, opts.rounds)
