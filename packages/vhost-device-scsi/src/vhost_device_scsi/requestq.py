@@ -423,14 +423,19 @@ class RequestQueues:
             logger.debug("completion for stopped queue %d dropped (head %d)", index, pending.head)
             return None
         status = response.status
-        self._write_response(
-            pending.resp_buf,
-            pending.writable,
-            _ABORTED if status == _TASK_ABORTED else _OK,
-            status,
-            response.sense,
-            response.residual,
-        )
+        resp = pending.resp_buf
+        if resp is not None and not response.sense and status != _TASK_ABORTED:
+            # The common answer, as in `process`: the fixed fields in one buffer, no sense.
+            _pack_resp_into(resp, 0, 0, response.residual, 0, status, _OK)
+        else:
+            self._write_response(
+                resp,
+                pending.writable,
+                _ABORTED if status == _TASK_ABORTED else _OK,
+                status,
+                response.sense,
+                response.residual,
+            )
         writer = pending.writer
         vring.add_used(pending.head, self._resp_size if writer is None else writer.written)
         return vring
