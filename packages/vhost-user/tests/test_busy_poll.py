@@ -271,9 +271,13 @@ class _LoopTrips(trio.abc.Instrument):
         self.trips += 1
 
 
-def _relay(busy: BusyPoll, fd: int, events: int, served: list[int]) -> None:
-    """Watch ``fd`` with a handler that consumes each event and, until ``events`` were
-    served, makes the next one at once (a device whose next request is already there)."""
+@asynccontextmanager
+async def relaying(busy: BusyPoll, events: int) -> AsyncIterator[list[int]]:
+    """``busy`` running and armed, watching an eventfd whose handler consumes each event and,
+    until ``events`` were served, makes the next one at once (a device whose next request is
+    already there); the first event is written on entry. Yields the served list."""
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    served: list[int] = []
 
     def handler() -> None:
         os.eventfd_read(fd)
@@ -282,56 +286,47 @@ def _relay(busy: BusyPoll, fd: int, events: int, served: list[int]) -> None:
         if len(served) < events:
             os.eventfd_write(fd, 1)
 
-    busy.watch(fd, handler)
+    try:
+        busy.watch(fd, handler)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(busy.run)
+            await _armed(busy, 400_000_000)
+            os.eventfd_write(fd, 1)
+            yield served
+            nursery.cancel_scope.cancel()
+    finally:
+        busy.close()
+        os.close(fd)
 
 
 async def test_events_the_handlers_serve_need_no_trip_through_the_loop() -> None:
     busy = BusyPoll(500_000_000)
     busy.slice_ns = 2_000_000_000  # longer than the test: only the events decide
-    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    served: list[int] = []
     trips = _LoopTrips()
+    trio.lowlevel.add_instrument(trips)
     try:
-        _relay(busy, fd, 200, served)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(busy.run)
-            await _armed(busy, 400_000_000)
-            trio.lowlevel.add_instrument(trips)
-            os.eventfd_write(fd, 1)
+        async with relaying(busy, 200) as served:
             with trio.fail_after(5):
                 while len(served) < 200:
                     await trio.sleep(0.001)
-            trio.lowlevel.remove_instrument(trips)
-            assert busy.dispatched == 200
-            # Returning to the loop after every event would be 200 trips or more.
-            assert trips.trips < 50
-            nursery.cancel_scope.cancel()
+            counted = trips.trips
     finally:
-        busy.close()
-        os.close(fd)
+        trio.lowlevel.remove_instrument(trips)
+    assert busy.dispatched == 200
+    # Returning to the loop after every event would be 200 trips or more.
+    assert counted < 50
 
 
 async def test_a_spin_that_never_ends_still_lets_the_loop_run_each_slice() -> None:
     busy = BusyPoll(500_000_000)
     busy.slice_ns = 1_000_000
-    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    served: list[int] = []
-    try:
-        _relay(busy, fd, 10**9, served)  # an event is always there
-        async with trio.open_nursery() as nursery:
-            await nursery.start(busy.run)
-            await _armed(busy, 400_000_000)
-            os.eventfd_write(fd, 1)
-            start = time.monotonic()
-            with trio.fail_after(5):
-                for _ in range(5):
-                    await trio.sleep(0.01)  # timers fire: the loop gets its turns
-            assert time.monotonic() - start < 1
-            assert len(served) > 5
-            nursery.cancel_scope.cancel()
-    finally:
-        busy.close()
-        os.close(fd)
+    async with relaying(busy, 10**9) as served:  # an event is always there
+        start = time.monotonic()
+        with trio.fail_after(5):
+            for _ in range(5):
+                await trio.sleep(0.01)  # timers fire: the loop gets its turns
+        assert time.monotonic() - start < 1
+        assert len(served) > 5
 
 
 async def test_a_handler_that_wakes_a_task_hands_the_loop_back_at_once() -> None:
