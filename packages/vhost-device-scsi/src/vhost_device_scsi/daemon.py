@@ -205,10 +205,12 @@ class Daemon:
         busy = self.busy_poll
         if busy is not None:
             logger.info(
-                "busy polling: %d spins, %d found an event, %d events handled in the spin",
+                "busy polling: %d spins, %d found an event, %d events handled in the spin, "
+                "%d rings served without a kick",
                 busy.spins,
                 busy.hits,
                 busy.dispatched,
+                busy.ring_serves,
             )
             busy.close()
         with contextlib.suppress(OSError):

@@ -201,6 +201,11 @@ class ScsiBackend(VhostUserBackend):
             # The driver posted event buffers: deliver waiting events into them.
             self.events.flush()
 
+    def spin_on_ring(self, index: int) -> bool:
+        """Only the request queues are polled while spinning: control and event queues carry
+        no I/O, and their kicks are few."""
+        return index >= FIRST_REQUEST_QUEUE
+
     def queue_stopped(self, index: int, vring: Vring) -> None:
         """Stop routing to the ring; late completions for it are dropped."""
         if index >= FIRST_REQUEST_QUEUE:

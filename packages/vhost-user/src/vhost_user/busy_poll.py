@@ -9,6 +9,14 @@ module does the same for a trio loop: once the loop has nothing left to run, `Bu
 on the watched descriptors (kick eventfds, a storage back-end's socket) for up to its current
 window; when one becomes ready the loop finds it ready and does not sleep at all.
 
+It can also poll rings itself (`poll_ring`): while it spins, a ring's driver is told not to
+notify (virtio 1.2 2.7.10: VIRTQ_USED_F_NO_NOTIFY, or avail_event left behind) and the spinner
+looks at the ring's avail idx instead. A guest then spends no VM exit per request, a front-end
+no eventfd write, and the back-end sees a new buffer the moment the idx moves instead of after
+the kick's write and its own wake-up. Before the spinner parks, the rings are made to notify
+again and looked at once more, so nothing made available meanwhile waits for a kick that was
+never sent (QEMU's virtio_queue_host_notifier_aio_poll does the same for its own devices).
+
 It knows nothing about any device type: the device says which descriptors are hot (`watch`)
 when work was done (`activity`), and whether spinning is worth it now (``worth_it``: a device
 with many requests in flight keeps the loop busy anyway, and on a small machine the CPU is
@@ -23,6 +31,7 @@ import os
 import select
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import trio
 
@@ -34,7 +43,7 @@ try:
 except ImportError:  # a trio that moved it: the public name
     from trio.testing import wait_all_tasks_blocked
 
-__all__ = ["BusyPoll", "adjust_window"]
+__all__ = ["BusyPoll", "RingProbe", "adjust_window"]
 
 
 def _others_runnable() -> Callable[[], bool]:
@@ -57,6 +66,27 @@ def _others_runnable() -> Callable[[], bool]:
 
 
 logger = logging.getLogger(__name__)
+
+
+class RingProbe(Protocol):
+    """A ring the spinner polls itself while it spins (`BusyPoll.poll_ring`).
+
+    All four run on the loop's thread, from the spinner. ``moved`` is called on every turn of
+    a spin, so it must be cheap (one look at the avail idx).
+    """
+
+    def quiet(self) -> None:
+        """A spin starts: tell the driver it need not notify (2.7.10)."""
+
+    def moved(self) -> bool:
+        """Whether the driver made buffers available since the ring was last served."""
+
+    def serve(self) -> None:
+        """Serve the ring as a kick would (without touching its notification setting)."""
+
+    def loud(self) -> None:
+        """The spinner stops: ask the driver to notify again (then ``moved`` is looked at)."""
+
 
 #: The first window after polling was off (QEMU's start value, 4 us).
 START_NS = 4_000
@@ -134,6 +164,24 @@ class BusyPoll:
         #: How long the spinner may keep serving handled events without a trip through the
         #: loop (its timers and the descriptors nobody spins on wait at most this long).
         self.slice_ns = DEFAULT_SLICE_NS
+        self._rings: tuple[RingProbe, ...] = ()
+        self._quiet = False  # the rings were told not to notify and are not loud again yet
+        #: Times a spin found a polled ring's avail idx moved and served it.
+        self.ring_serves = 0
+
+    def poll_ring(self, probe: RingProbe) -> None:
+        """Poll ``probe``'s ring while spinning, with its notifications off, until `unpoll_ring`.
+
+        The ring's owner must still serve notifications that arrive (a driver may notify
+        before it sees they are off, and they are on whenever the spinner is parked).
+        """
+        if probe not in self._rings:
+            self._rings = (*self._rings, probe)
+
+    def unpoll_ring(self, probe: RingProbe) -> None:
+        """Stop polling ``probe``'s ring (its notification setting is left as it is: the
+        owner stops serving it, or makes it loud itself)."""
+        self._rings = tuple(r for r in self._rings if r is not probe)
 
     def watch(self, fd: int, handler: Callable[[], None] | None = None) -> None:
         """Spin on ``fd`` (readable) too, until `unwatch`.
@@ -217,11 +265,21 @@ class BusyPoll:
                         end = start + window
                         hit = False
                         claimed = False
+                        rings = self._rings
+                        if rings:
+                            self._quiet = True
+                            for ring in rings:
+                                ring.quiet()
                         while True:
                             events = poll(0)
                             if events:
                                 hit = True
                                 claimed = self._dispatch(events)
+                                break
+                            # Looked at after the descriptors: the ring we quieted was
+                            # published before the driver saw the flag, or after it.
+                            if rings and self._serve_rings(rings):
+                                hit = claimed = True
                                 break
                             if clock() >= end:
                                 break
@@ -251,12 +309,43 @@ class BusyPoll:
                     if again:
                         continue
                 # Missed (or not armed): sleep like everyone else until the next activity,
-                # which measures how long this wait really was.
+                # which measures how long this wait really was. The rings notify again first.
+                if self._quiet:
+                    self._make_loud()
                 self._parked = task
                 self._parked_at = start
                 await trio.lowlevel.wait_task_rescheduled(self._abort)
         finally:
             self._parked = None
+            if self._quiet:
+                self._make_loud()
+
+    def _serve_rings(self, rings: tuple[RingProbe, ...]) -> bool:
+        """Serve each polled ring whose avail idx moved; True if one did."""
+        served = False
+        for ring in rings:
+            if ring.moved():
+                served = True
+                self.ring_serves += 1
+                try:
+                    ring.serve()
+                except Exception:
+                    logger.exception("busy poll: serving a polled ring failed")
+        return served
+
+    def _make_loud(self) -> None:
+        """Before parking: every polled ring notifies again, then is looked at once more
+        (2.7.10: a buffer made available before the driver saw notifications back on would
+        otherwise wait for a notification that never comes)."""
+        self._quiet = False
+        for ring in self._rings:
+            try:
+                ring.loud()
+                if ring.moved():
+                    self.ring_serves += 1
+                    ring.serve()
+            except Exception:
+                logger.exception("busy poll: a polled ring failed")
 
     def _dispatch(self, events: list[tuple[int, int]]) -> bool:
         """Hand each ready descriptor to its handler; False when one has none (the loop must

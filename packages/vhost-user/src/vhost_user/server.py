@@ -24,6 +24,7 @@ from collections.abc import Callable
 import trio
 
 from .backend import VhostUserBackend
+from .busy_poll import BusyPoll
 from .connection import BackendConnection, QueueStarted, QueueStopped, SendMessage
 from .errors import ProtocolError
 from .framing import close_fds
@@ -98,12 +99,18 @@ async def run_queue(
             busy.activity()
 
         busy.watch(kick_fd, kicked)
+        probe = _PolledRing(handle, vring, scope, busy) if backend.spin_on_ring(index) else None
+    else:
+        probe = None
     with scope:
         try:
             # Chains made available before the ring went live (or resubmitted after a
             # reconnection) get no new kick: look once straight away.
             handle(index, vring)
             vring.notify()
+            if probe is not None and busy is not None:
+                probe.seen = vring.queue.avail_idx()  # what the first look covered, at least
+                busy.poll_ring(probe)
             while True:
                 await wait_readable(kick_fd)
                 if scope.cancel_called:
@@ -122,6 +129,60 @@ async def run_queue(
         finally:
             if busy is not None:
                 busy.unwatch(kick_fd)
+                if probe is not None:
+                    busy.unpoll_ring(probe)
+
+
+class _PolledRing:
+    """A live queue as the spinner polls it (`BusyPoll.poll_ring`): kicks off while it spins,
+    served when the avail idx moves, kicks on again before it parks."""
+
+    __slots__ = ("busy", "handle", "index", "scope", "seen", "vring")
+
+    def __init__(
+        self,
+        handle: Callable[[int, Vring], None],
+        vring: Vring,
+        scope: trio.CancelScope,
+        busy: BusyPoll,
+    ) -> None:
+        self.handle = handle
+        self.vring = vring
+        self.index = vring.index
+        self.scope = scope
+        self.busy = busy
+        #: The avail idx the last serve covered (read before it: a buffer added while the
+        #: device worked is seen as a move, never lost).
+        self.seen = -1
+
+    def quiet(self) -> None:
+        if not self.scope.cancel_called:
+            self.vring.queue.disable_notification()
+
+    def moved(self) -> bool:
+        # The queue is looked up each time: a memory remap replaces it.
+        return not self.scope.cancel_called and self.vring.queue.avail_idx() != self.seen
+
+    def serve(self) -> None:
+        if self.scope.cancel_called:
+            return  # stopped: the ring is not ours now
+        vring = self.vring
+        self.seen = vring.queue.avail_idx()
+        try:
+            self.handle(self.index, vring)
+            vring.notify()
+        except Exception as exc:  # as run_queue does: stop this queue only
+            log.error("vring %d: queue processing stopped: %r", self.index, exc)
+            self.scope.cancel()
+            self.busy.unpoll_ring(self)
+            return
+        self.busy.activity()
+
+    def loud(self) -> None:
+        if not self.scope.cancel_called:
+            # Its result (buffers waiting) is not enough: an event queue keeps buffers
+            # without using them. The spinner looks at `moved` next.
+            self.vring.queue.enable_notification()
 
 
 def _drain(handle: Callable[[int, Vring], None], index: int, vring: Vring) -> None:

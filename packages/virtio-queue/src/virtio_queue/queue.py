@@ -398,4 +398,10 @@ class SplitQueue:
         self._notify_enabled = False
         if not self._event_idx:
             self._used16[_H_FLAGS] = VIRTQ_USED_F_NO_NOTIFY
-        # With EVENT_IDX, simply not moving avail_event on suppresses further kicks.
+            return
+        # With EVENT_IDX the driver kicks when its idx passes avail_event (2.7.10). Left where
+        # it is, the next buffer still passes it: one kick per disable. One behind the next
+        # entry we pop is never passed: the driver's idx is never behind that entry.
+        behind = (self._next_avail - 1) & 0xFFFF
+        self._used16[self._avail_event] = behind
+        self._avail_event_published = behind
