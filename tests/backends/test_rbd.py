@@ -488,3 +488,28 @@ def test_aio_is_dispatched_on_the_calling_thread(rbd_conf: pathlib.Path) -> None
     with librbd.Cluster(librbd.ClusterSettings(conf=str(rbd_conf))) as cluster:
         assert cluster.conf_get("rbd_non_blocking_aio") == "false"
         assert cluster.conf_get("rados_osd_op_timeout") == "30"  # the bounds set with it
+
+
+@pytest.mark.parametrize(
+    ("suffix", "write_cache", "expected"),
+    [
+        ("", True, "true"),  # a logical unit with a write cache: librbd's cache too
+        ("", False, "false"),  # write-through LU: no librbd cache either
+        ("&cache=off", True, "false"),  # the location's word wins
+        ("&cache=on", False, "true"),
+    ],
+)
+def test_librbd_cache_follows_the_write_cache(
+    image: str, suffix: str, write_cache: bool, expected: str
+) -> None:
+    """As QEMU's cache= does (block/rbd.c), over the ceph.conf these tests write, which says
+    ``rbd cache = false``."""
+    backend = open_backend(image + suffix, write_cache=write_cache)
+    try:
+        assert isinstance(backend, RbdBackend)
+        assert backend._cluster.conf_get("rbd_cache") == expected
+        # Until the first flush librbd writes through (its default, which we keep): a guest
+        # that never flushes loses nothing.
+        assert backend._cluster.conf_get("rbd_cache_writethrough_until_flush") == "true"
+    finally:
+        backend.close()

@@ -40,6 +40,8 @@ from scsi_emulation.backends.uri import (
         ("rbd:p/i?timeout=5", RbdLocation("p", "i", timeout=5)),
         ("rbd:p/i?id=u&timeout=86400&conf=/c", RbdLocation("p", "i", "/c", "u", 86400)),
         ("rbd:p/i?timeout=007", RbdLocation("p", "i", timeout=7)),
+        ("rbd:p/i?cache=off", RbdLocation("p", "i", cache=False)),
+        ("rbd:p/i?conf=/c&cache=on", RbdLocation("p", "i", "/c", cache=True)),
     ],
 )
 def test_parse(text: str, expected: object) -> None:
@@ -67,6 +69,8 @@ def test_parse(text: str, expected: object) -> None:
         ("rbd:p/i/j", "expected rbd:POOL/IMAGE"),
         ("rbd:p/i?conf=", "empty conf"),
         ("rbd:p/i?conf=a&conf=b", "twice"),
+        ("rbd:p/i?cache=maybe", "cache='maybe' is not on/off"),
+        ("rbd:p/i?cache=", "cache='' is not on/off"),
         ("rbd:p/i?timeout=", "timeout='' is not a whole number of seconds from 1 to 86400"),
         ("rbd:p/i?timeout=0", "timeout='0' is not a whole number"),
         ("rbd:p/i?timeout=-5", "timeout='-5' is not"),

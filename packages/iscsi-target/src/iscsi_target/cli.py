@@ -273,7 +273,8 @@ def _serial(location: StorageLocation) -> str:
 def _open_storage(spec: LunSpec) -> tuple[StorageLocation, StorageBackend]:
     try:
         location = parse_location(spec.path)
-        return location, open_backend(location, read_only=spec.read_only)
+        backend = open_backend(location, read_only=spec.read_only, write_cache=spec.write_cache)
+        return location, backend
     except LocationError as exc:
         raise CliError(f"bad storage location {exc}") from None
     except OSError as exc:

@@ -102,7 +102,9 @@ class LunTable:
         if spec.lun in self._specs:
             raise LunError(f"LUN {spec.lun} is already attached ({self._specs[spec.lun].path})")
         try:
-            backend = open_backend(spec.path, read_only=spec.read_only)
+            backend = open_backend(
+                spec.path, read_only=spec.read_only, write_cache=spec.write_cache
+            )
         except LocationError as exc:
             raise LunError(f"bad storage location {exc}") from None
         except OSError as exc:

@@ -216,6 +216,8 @@ class ClusterSettings:
     user: str | None = None
     mount_timeout: int = 10
     op_timeout: int = 30
+    #: librbd's cache (``rbd_cache``) over what ceph.conf says; None: leave it to ceph.conf.
+    rbd_cache: bool | None = None
 
 
 class Cluster:
@@ -245,13 +247,19 @@ class Cluster:
                 lib.rados_conf_read_file(self.handle, conf),
                 f"cannot read {settings.conf or 'the default ceph.conf'}",
             )
-            options = {
+            options: dict[str, object] = {
                 # rados_connect alone waits for an unreachable monitor for good (Ceph 16.2).
                 "client_mount_timeout": settings.mount_timeout,
                 # librados retries a lost connection by itself within these bounds.
                 "rados_osd_op_timeout": settings.op_timeout,
                 "rados_mon_op_timeout": settings.op_timeout,
             }
+            if settings.rbd_cache is not None:
+                # QEMU's block/rbd.c does the same for cache=writeback/none. Safe either way:
+                # a durable write is flushed before it completes, and until the first flush
+                # (rbd_cache_writethrough_until_flush, on by default) librbd writes through,
+                # for a guest that never flushes.
+                options["rbd_cache"] = "true" if settings.rbd_cache else "false"
             for key, value in options.items():
                 check(
                     lib.rados_conf_set(self.handle, key.encode(), str(value).encode()),

@@ -201,7 +201,12 @@ class RbdBackend(StorageBackend):
 
     @classmethod
     def open(
-        cls, location: RbdLocation | str, *, read_only: bool = False, timeout: int = 10
+        cls,
+        location: RbdLocation | str,
+        *,
+        read_only: bool = False,
+        timeout: int = 10,
+        cache: bool | None = None,
     ) -> RbdBackend:
         """Connect to the cluster and open the image; `BackendError` with a one-line message
         for the operator when the libraries, the cluster, the pool or the image are missing.
@@ -209,7 +214,8 @@ class RbdBackend(StorageBackend):
         ``timeout`` bounds connecting (``client_mount_timeout``); the location's own
         ``timeout`` bounds every monitor and OSD operation afterwards: a request to a cluster
         that stopped answering fails with ETIMEDOUT after it, and the same open image serves
-        again once the cluster is back."""
+        again once the cluster is back. ``cache`` sets librbd's ``rbd_cache`` (over ceph.conf;
+        None: the location's ``cache=``, else ceph.conf's or librbd's default)."""
         if isinstance(location, str):
             parsed = parse_location(location)
             if not isinstance(parsed, RbdLocation):
@@ -217,7 +223,11 @@ class RbdBackend(StorageBackend):
             location = parsed
         where = str(location)
         lib = load_bindings()
-        settings = ClusterSettings(location.conf, location.user, timeout, location.timeout)
+        if cache is None:
+            cache = location.cache
+        settings = ClusterSettings(
+            location.conf, location.user, timeout, location.timeout, rbd_cache=cache
+        )
         try:
             cluster = Cluster(settings)
         except BackendError as e:

@@ -8,9 +8,10 @@ dataclasses it returns, and `open_backend`, which opens the matching back-end. A
 - ``nbd://HOST[:PORT]/EXPORT`` (default port 10809, IPv6 hosts in brackets) and
   ``nbd+unix:///EXPORT?socket=PATH``, after the NBD URI specification (NetworkBlockDevice
   doc/uri.md); ``nbds`` (TLS) is refused;
-- ``rbd:POOL/IMAGE[?conf=PATH&id=USER&timeout=SECONDS]``; ``timeout`` bounds each monitor and
-  OSD operation (default `RBD_DEFAULT_TIMEOUT`): past it a request fails instead of waiting
-  for a cluster that stopped answering.
+- ``rbd:POOL/IMAGE[?conf=PATH&id=USER&timeout=SECONDS&cache=on|off]``; ``timeout`` bounds
+  each monitor and OSD operation (default `RBD_DEFAULT_TIMEOUT`): past it a request fails
+  instead of waiting for a cluster that stopped answering; ``cache`` turns librbd's own cache
+  on or off (default: on when the logical unit has a write cache, as QEMU's ``cache=`` does).
 
 A text without one of these scheme prefixes is a path, so ``disk:1.img`` stays a file name.
 Syntax errors are `LocationError`; a back-end that cannot be opened (missing image,
@@ -92,6 +93,8 @@ class RbdLocation:
     conf: str | None = None
     user: str | None = None
     timeout: int = RBD_DEFAULT_TIMEOUT
+    #: librbd's cache (``rbd_cache``) as the location asks; None: the opener decides.
+    cache: bool | None = None
 
     def __str__(self) -> str:
         return f"rbd:{self.pool}/{self.image}"
@@ -175,7 +178,7 @@ def _parse_nbd(text: str) -> NbdLocation:
 
 def _parse_rbd(text: str) -> RbdLocation:
     body, _, query = text[len("rbd:") :].partition("?")
-    params = _query(query, ("conf", "id", "timeout"), text)
+    params = _query(query, ("conf", "id", "timeout", "cache"), text)
     pool, sep, image = body.partition("/")
     if not sep or not pool or not image or "/" in image:
         raise LocationError(f"{text!r}: expected rbd:POOL/IMAGE")
@@ -194,7 +197,8 @@ def _parse_rbd(text: str) -> RbdLocation:
                 f" from 1 to {RBD_MAX_TIMEOUT}"
             )
         timeout = int(value)
-    return RbdLocation(pool, image, params.get("conf"), params.get("id"), timeout)
+    cache = _flag("cache", params["cache"], text) if "cache" in params else None
+    return RbdLocation(pool, image, params.get("conf"), params.get("id"), timeout, cache)
 
 
 def parse_location(text: str) -> StorageLocation:
@@ -211,8 +215,13 @@ def parse_location(text: str) -> StorageLocation:
     return FileLocation(text)
 
 
-def open_backend(location: str | StorageLocation, *, read_only: bool = False) -> StorageBackend:
+def open_backend(
+    location: str | StorageLocation, *, read_only: bool = False, write_cache: bool = True
+) -> StorageBackend:
     """Open the back-end for ``location``.
+
+    ``write_cache`` says whether the logical unit starts with a volatile write cache (WCE):
+    a back-end with a cache of its own (librbd) uses it then, unless the location says.
 
     Raises `LocationError` for a text that does not parse and `BackendError` (an `OSError`)
     whose message names the location when the storage cannot be opened.
@@ -227,7 +236,8 @@ def open_backend(location: str | StorageLocation, *, read_only: bool = False) ->
         return NbdBackend.connect(location, read_only=read_only)
     from scsi_emulation.backends.rbd import RbdBackend
 
-    return RbdBackend.open(location, read_only=read_only)
+    cache = write_cache if location.cache is None else location.cache
+    return RbdBackend.open(location, read_only=read_only, cache=cache)
 
 
 def _open_file(location: FileLocation, read_only: bool) -> StorageBackend:
