@@ -59,6 +59,10 @@ class Workload:
 
 
 WORKLOADS: tuple[Workload, ...] = (
+    # Queue depth 1: latency, where a kick (a VM exit) and a wake-up per request show.
+    Workload(
+        "randread4k1", "4 KiB randread QD1", "--rw=randread --bs=4k --iodepth=1", "iops", "read"
+    ),
     Workload(
         "randread4k", "4 KiB randread QD32", "--rw=randread --bs=4k --iodepth=32", "iops", "read"
     ),
