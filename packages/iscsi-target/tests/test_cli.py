@@ -174,7 +174,9 @@ def test_thin_provisioning_needs_storage_that_deallocates(
 ) -> None:
     image = _image(tmp_path / "disk.img")
 
-    def open_backend(location: object, *, read_only: bool = False) -> StorageBackend:
+    def open_backend(
+        location: object, *, read_only: bool = False, write_cache: bool = True
+    ) -> StorageBackend:
         return _NoDiscard(str(image), read_only=read_only)
 
     monkeypatch.setattr(cli, "open_backend", open_backend)
