@@ -324,13 +324,13 @@ class BusyPoll:
         """Serve each polled ring whose avail idx moved; True if one did."""
         served = False
         for ring in rings:
-            if ring.moved():
-                served = True
-                self.ring_serves += 1
-                try:
+            try:
+                if ring.moved():
+                    served = True
+                    self.ring_serves += 1
                     ring.serve()
-                except Exception:
-                    logger.exception("busy poll: serving a polled ring failed")
+            except Exception:
+                logger.exception("busy poll: serving a polled ring failed")
         return served
 
     def _make_loud(self) -> None:
@@ -338,14 +338,13 @@ class BusyPoll:
         (2.7.10: a buffer made available before the driver saw notifications back on would
         otherwise wait for a notification that never comes)."""
         self._quiet = False
-        for ring in self._rings:
+        rings = self._rings
+        for ring in rings:
             try:
                 ring.loud()
-                if ring.moved():
-                    self.ring_serves += 1
-                    ring.serve()
             except Exception:
                 logger.exception("busy poll: a polled ring failed")
+        self._serve_rings(rings)
 
     def _dispatch(self, events: list[tuple[int, int]]) -> bool:
         """Hand each ready descriptor to its handler; False when one has none (the loop must

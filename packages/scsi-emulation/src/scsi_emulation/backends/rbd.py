@@ -214,8 +214,8 @@ class RbdBackend(StorageBackend):
         ``timeout`` bounds connecting (``client_mount_timeout``); the location's own
         ``timeout`` bounds every monitor and OSD operation afterwards: a request to a cluster
         that stopped answering fails with ETIMEDOUT after it, and the same open image serves
-        again once the cluster is back. ``cache`` sets librbd's ``rbd_cache`` (over ceph.conf;
-        None: the location's ``cache=``, else ceph.conf's or librbd's default)."""
+        again once the cluster is back. librbd's ``rbd_cache`` is the location's ``cache=``,
+        else ``cache``, over ceph.conf (both None: ceph.conf's or librbd's default)."""
         if isinstance(location, str):
             parsed = parse_location(location)
             if not isinstance(parsed, RbdLocation):
@@ -223,7 +223,7 @@ class RbdBackend(StorageBackend):
             location = parsed
         where = str(location)
         lib = load_bindings()
-        if cache is None:
+        if location.cache is not None:
             cache = location.cache
         settings = ClusterSettings(
             location.conf, location.user, timeout, location.timeout, rbd_cache=cache

@@ -236,8 +236,7 @@ def open_backend(
         return NbdBackend.connect(location, read_only=read_only)
     from scsi_emulation.backends.rbd import RbdBackend
 
-    cache = write_cache if location.cache is None else location.cache
-    return RbdBackend.open(location, read_only=read_only, cache=cache)
+    return RbdBackend.open(location, read_only=read_only, cache=write_cache)
 
 
 def _open_file(location: FileLocation, read_only: bool) -> StorageBackend:
