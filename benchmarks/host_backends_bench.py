@@ -281,7 +281,11 @@ def bench(
         ("nopoll", [*ours, "--poll-max-us", "0"], None, "scsi"),
     ]
     if baseline is not None:
-        daemons.insert(0, ("base", ours, baseline_env(baseline), "scsi"))
+        base_env = baseline_env(baseline)
+        daemons[0:0] = [
+            ("base", ours, base_env, "scsi"),
+            ("bnopoll", [*ours, "--poll-max-us", "0"], base_env, "scsi"),
+        ]
     if shutil.which("qemu-storage-daemon") is not None:
         daemons.insert(0, ("qsd", qsd, None, "blk"))
     else:
@@ -310,7 +314,7 @@ def bench(
                             else ""
                         )
                         print(
-                            f"  {name:<5} {'write' if write else 'read':<5} qd={qd:<3}"
+                            f"  {name:<7} {'write' if write else 'read':<5} qd={qd:<3}"
                             f" {r['iops']:>9,.0f} IOPS {r['us']:7.2f} us/req{rss}",
                             flush=True,
                         )
@@ -354,7 +358,8 @@ def main() -> int:
         type=pathlib.Path,
         metavar="DIR",
         help="also run our daemon from a copy of the packages' sources (DIR/<dist>/<module>, "
-        "e.g. copies of packages/*/src), interleaved, as column 'base'",
+        "e.g. copies of packages/*/src), interleaved, as columns 'base' and 'bnopoll' "
+        "(--poll-max-us 0)",
     )
     opts, _ = parser.parse_known_args()
     vu_bench = build_vu_bench()
