@@ -212,3 +212,57 @@ async def test_a_failing_on_serviced_is_logged_and_polling_goes_on() -> None:
             nursery.cancel_scope.cancel()
     finally:
         backend.close()
+
+
+async def test_a_new_socket_on_the_old_descriptor_number_is_watched_itself() -> None:
+    """A reconnection's socket often gets the number of the one it replaces. Busy polling
+    watches through a duplicate, so the poller must notice the file changed, not just the
+    number: else the spinner would watch the dead socket and the new one nobody."""
+    import os
+
+    from vhost_user.busy_poll import BusyPoll
+
+    busy = BusyPoll(0)
+    backend = _SocketBackend()
+    backend.poll_interval = 0.02
+    poller = BackendPoller(lambda: None, busy_poll=busy)
+    assert poller.watch(backend)
+    completed: list[BackendError | None] = []
+    number = backend.ours.fileno()
+    old_server = backend.server
+
+    def watched_inode() -> int:
+        return os.fstat(busy._watched[number]).st_ino
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(busy.run)
+            await nursery.start(poller.run)
+            backend.submit_read(0, [], 0, completed.append)
+            backend.server.send(b"x")
+            with trio.fail_after(5):
+                while not completed:
+                    await trio.sleep(0.001)
+            assert watched_inode() == os.fstat(number).st_ino
+            # The server "restarts": the old connection stays half-open, the new one takes
+            # its number.
+            new_ours, new_server = socket.socketpair()
+            new_ours.setblocking(False)  # O_NONBLOCK belongs to the file: dup2 keeps it
+            os.dup2(new_ours.fileno(), number)
+            new_ours.close()
+            backend.server = new_server
+            with trio.fail_after(5):
+                while watched_inode() != os.fstat(number).st_ino:
+                    await trio.sleep(0.005)
+            backend.submit_read(0, [], 0, completed.append)
+            new_server.send(b"x")
+            with trio.fail_after(5):
+                while len(completed) < 2:
+                    await trio.sleep(0.001)
+            assert completed == [None, None]
+            nursery.cancel_scope.cancel()
+    finally:
+        poller.unwatch(backend)
+        busy.close()
+        backend.close()
+        old_server.close()

@@ -167,8 +167,11 @@ async def test_a_readable_descriptor_nobody_handles_does_not_spin_for_good() -> 
             await trio.sleep(0.1)
             assert busy.hits == _MAX_UNCLAIMED
             hits = busy.hits
+            cpu = time.process_time()
             await trio.sleep(0.1)
             assert busy.hits == hits  # parked until real activity
+            # ... and not sleeping in its epoll either, which that descriptor would wake at once
+            assert time.process_time() - cpu < 0.05
             nursery.cancel_scope.cancel()
     finally:
         busy.close()
@@ -312,7 +315,7 @@ async def test_events_the_handlers_serve_need_no_trip_through_the_loop() -> None
             counted = trips.trips
     finally:
         trio.lowlevel.remove_instrument(trips)
-    assert busy.dispatched == 200
+    assert busy.dispatched + busy.sleep_dispatched == 200  # in spins or in the loop's wait
     # Returning to the loop after every event would be 200 trips or more.
     assert counted < 50
 
@@ -358,6 +361,271 @@ async def test_a_handler_that_wakes_a_task_hands_the_loop_back_at_once() -> None
                 while not seen:
                     await trio.sleep(0.001)
             assert seen[0] <= 3  # woken after the first event, not after a slice of them
+            nursery.cancel_scope.cancel()
+    finally:
+        busy.close()
+        os.close(fd)
+
+
+# -- sleeping in the spinner's own epoll (BusyPoll.sleep_here) --------------------------------
+
+
+def _write_every(fd: int, count: int, interval: float) -> threading.Thread:
+    def run() -> None:
+        for _ in range(count):
+            time.sleep(interval)
+            os.eventfd_write(fd, 1)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+async def test_with_no_spinning_a_handler_is_served_in_the_sleep_without_a_loop_trip() -> None:
+    busy = BusyPoll(0)  # spinning off: what is left is the sleep in our own epoll
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    served: list[int] = []
+    done = trio.Event()
+    events = 40
+
+    def handler() -> None:
+        served.append(os.eventfd_read(fd))
+        busy.activity()
+        if sum(served) >= events:
+            done.set()
+
+    trips = _LoopTrips()
+    try:
+        busy.watch(fd, handler)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(busy.run)
+            trio.lowlevel.add_instrument(trips)
+            writer = _write_every(fd, events, 0.002)
+            with trio.fail_after(10):
+                await done.wait()  # no timers of ours meanwhile: only the events decide
+            counted = trips.trips
+            trio.lowlevel.remove_instrument(trips)
+            writer.join()
+            nursery.cancel_scope.cancel()
+    finally:
+        busy.close()
+        os.close(fd)
+    assert sum(served) == events
+    assert busy.spins == 0
+    assert busy.sleep_dispatched == len(served)
+    # Waking the loop for each event would be `events` trips or more.
+    assert counted < events // 2
+
+
+async def test_the_loop_s_timers_threads_and_descriptors_still_wake_it() -> None:
+    busy = BusyPoll(0)
+    watched = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    a, b = socket.socketpair()
+    try:
+        busy.watch(watched, lambda: None)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(busy.run)
+            # A deadline: the sleep ends at it, and uses no CPU meanwhile.
+            cpu = time.process_time()
+            start = time.monotonic()
+            await trio.sleep(0.2)
+            assert 0.2 <= time.monotonic() - start < 1
+            assert time.process_time() - cpu < 0.1
+            # A thread's call into the loop.
+            token = trio.lowlevel.current_trio_token()
+            called = trio.Event()
+
+            def call_in() -> None:
+                time.sleep(0.02)
+                trio.from_thread.run_sync(called.set, trio_token=token)
+
+            thread = threading.Thread(target=call_in)
+            start = time.monotonic()
+            thread.start()
+            with trio.fail_after(5):
+                await called.wait()
+            thread.join()
+            assert time.monotonic() - start < 1
+
+            # A descriptor a task waits on that the spinner does not watch.
+            def send() -> None:
+                time.sleep(0.02)
+                b.send(b"x")
+
+            thread = threading.Thread(target=send)
+            start = time.monotonic()
+            thread.start()
+            with trio.fail_after(5):
+                await trio.lowlevel.wait_readable(a)
+            thread.join()
+            assert a.recv(1) == b"x"
+            assert time.monotonic() - start < 1
+            # trio.testing's idle detection with a cushion (the spinner must not take the
+            # loop's sleep while someone waits for it).
+            with trio.fail_after(5):
+                await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+            nursery.cancel_scope.cancel()
+    finally:
+        busy.close()
+        os.close(watched)
+        a.close()
+        b.close()
+
+
+async def test_handlers_activity_in_the_sleep_grows_the_window_and_arms_spins() -> None:
+    busy = BusyPoll(50_000_000)
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    served: list[int] = []
+    done = trio.Event()
+
+    def handler() -> None:
+        served.append(os.eventfd_read(fd))
+        busy.activity()
+        if sum(served) >= 30:
+            done.set()
+
+    try:
+        busy.watch(fd, handler)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(busy.run)
+            writer = _write_every(fd, 30, 0.002)
+            with trio.fail_after(10):
+                await done.wait()
+            writer.join()
+            nursery.cancel_scope.cancel()
+    finally:
+        busy.close()
+        os.close(fd)
+    assert busy.window_ns >= START_NS  # waits of 2 ms are worth catching under a 50 ms cap
+    assert busy.spins >= 1
+    assert busy.hits >= 1
+
+
+async def test_once_the_spinner_ends_the_loop_sleeps_as_before() -> None:
+    busy = BusyPoll(0)
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    calls: list[int] = []
+    try:
+        busy.watch(fd, lambda: calls.append(os.eventfd_read(fd)))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(busy.run)
+            writer = _write_later(fd, 0.01)
+            with trio.fail_after(5):
+                while not calls:
+                    await trio.sleep(0.001)
+            writer.join()
+            nursery.cancel_scope.cancel()
+        writer = _write_later(fd, 0.01)
+        with trio.fail_after(5):
+            await trio.lowlevel.wait_readable(fd)  # trio's own wait sees it: nobody took it
+        writer.join()
+        assert calls == [1]
+        assert os.eventfd_read(fd) == 1
+    finally:
+        busy.close()
+        os.close(fd)
+
+
+async def test_a_handler_s_descriptor_is_the_handler_s_alone_while_the_loop_waits_here() -> None:
+    busy = BusyPoll(0)
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    served: list[int] = []
+    done = trio.Event()
+    returned: list[int] = []
+
+    def handler() -> None:
+        served.append(os.eventfd_read(fd))
+        if len(served) == 3:
+            done.set()
+
+    async def waiter() -> None:
+        await busy.wait_readable(fd)
+        returned.append(len(served))
+
+    try:
+        busy.watch(fd, handler)
+        async with trio.open_nursery() as outer:
+            spinner = trio.CancelScope()
+
+            async def spin(task_status: trio.TaskStatus[None]) -> None:
+                with spinner:
+                    await busy.run(task_status=task_status)
+
+            await outer.start(spin)
+            outer.start_soon(waiter)
+            with trio.fail_after(5):
+                await trio.sleep(0.01)
+                writer = _write_every(fd, 3, 0.005)
+                await done.wait()
+                writer.join()
+                await trio.sleep(0.02)
+                assert not returned  # parked throughout: trio never reported the descriptor
+                busy.wake(fd)
+                while not returned:
+                    await trio.sleep(0.001)
+                assert returned == [3]
+                # Once the spinner ends, the descriptor is trio's again: a waiter parked
+                # then is woken, and waits through trio from there on.
+                outer.start_soon(waiter)
+                await trio.sleep(0.01)
+                spinner.cancel()
+                while len(returned) < 2:
+                    await trio.sleep(0.001)
+                outer.start_soon(waiter)
+                await trio.sleep(0.01)
+                assert len(returned) == 2
+                os.eventfd_write(fd, 1)
+                while len(returned) < 3:
+                    await trio.sleep(0.001)
+            assert served == [1, 1, 1]  # the handler took nothing once the spinner ended
+    finally:
+        busy.close()
+        os.close(fd)
+
+
+async def test_a_handler_that_leaves_its_descriptor_readable_does_not_keep_the_loop() -> None:
+    busy = BusyPoll(0)
+    fd = os.eventfd(1, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # readable for good
+    calls: list[bool] = []
+    try:
+        busy.watch(fd, lambda: calls.append(True))  # consumes nothing
+        async with trio.open_nursery() as nursery:
+            await nursery.start(busy.run)
+            start = time.monotonic()
+            for _ in range(5):
+                await trio.sleep(0.01)  # timers still fire, tasks still run
+            assert time.monotonic() - start < 2
+            assert calls
+            nursery.cancel_scope.cancel()
+    finally:
+        busy.close()
+        os.close(fd)
+
+
+async def test_notify_closing_wakes_a_parked_waiter_as_trio_s_would() -> None:
+    busy = BusyPoll(0)
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    raised: list[BaseException] = []
+
+    async def waiter() -> None:
+        try:
+            await busy.wait_readable(fd)
+        except trio.ClosedResourceError as exc:
+            raised.append(exc)
+
+    try:
+        busy.watch(fd, lambda: None)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(busy.run)
+            nursery.start_soon(waiter)
+            await trio.sleep(0.01)
+            trio.lowlevel.notify_closing(fd)  # trio has no waiter for it: nothing happens
+            await trio.sleep(0.01)
+            assert not raised
+            busy.notify_closing(fd)
+            with trio.fail_after(5):
+                while not raised:
+                    await trio.sleep(0.001)
             nursery.cancel_scope.cancel()
     finally:
         busy.close()

@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_POLL_MAX_US,
         metavar="US",
         help="poll for up to US microseconds before sleeping while few requests are in "
-        "flight (adaptive, like QEMU's poll-max-ns; trades CPU for latency); 0 disables. "
+        "flight (adaptive, like QEMU's poll-max-ns; trades CPU for latency); 0 disables "
+        "spinning. "
         f"Default {DEFAULT_POLL_MAX_US}",
     )
     p.add_argument(

@@ -90,11 +90,13 @@ class Daemon:
         Remote back-ends (NBD, RBD) are polled from the daemon's trio loop (`BackendPoller`),
         so call it on the thread that will `run` the daemon."""
         backends: list[ScsiBackend] = []
-        busy = BusyPoll(options.poll_max_us * 1000) if options.poll_max_us else None
+        # Also with --poll-max-us 0: then it never spins, but the loop still waits in the
+        # spinner's epoll, where the kicks and the remote back-ends' replies are served
+        # without a trip through trio's scheduler.
+        busy = BusyPoll(options.poll_max_us * 1000)
         poller = BackendPoller(partial(_finish_completions, backends), busy_poll=busy)
         luns = LunTable(watcher=poller)
-        if busy is not None:
-            busy.worth_it = partial(_worth_spinning, backends, luns)
+        busy.worth_it = partial(_worth_spinning, backends, luns)
         try:
             for image in options.images:
                 luns.add(
@@ -206,11 +208,14 @@ class Daemon:
         if busy is not None:
             logger.info(
                 "busy polling: %d spins, %d found an event, %d events handled in the spin, "
-                "%d rings served without a kick",
+                "%d rings served without a kick; %d waits of the loop in its epoll found "
+                "events, %d served there",
                 busy.spins,
                 busy.hits,
                 busy.dispatched,
                 busy.ring_serves,
+                busy.sleeps,
+                busy.sleep_dispatched,
             )
             busy.close()
         with contextlib.suppress(OSError):

@@ -17,6 +17,7 @@ Knows nothing about SCSI or virtio.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from functools import partial
@@ -50,7 +51,9 @@ class BackendPoller:
         self.busy_poll = busy_poll
         self._scopes: dict[StorageBackend, trio.CancelScope] = {}
         self._waiting: dict[StorageBackend, int] = {}
-        self._spun: dict[StorageBackend, int] = {}  # the descriptor busy_poll watches
+        # The descriptor busy_poll watches, and its file's inode: a reconnection's new socket
+        # often gets the old one's number, and busy_poll watches through a duplicate.
+        self._spun: dict[StorageBackend, tuple[int, int]] = {}
         self._nursery: trio.Nursery | None = None
 
     def __contains__(self, backend: object) -> bool:
@@ -105,25 +108,36 @@ class BackendPoller:
             # with a smaller one is heard from after the current tick).
             interval = min((b.poll_interval for b in self._scopes), default=_DEFAULT_INTERVAL)
             await trio.sleep(interval)
+            busy = self.busy_poll
             for fd in list(self._waiting.values()):
                 trio.lowlevel.notify_closing(fd)
+                if busy is not None:
+                    busy.notify_closing(fd)
 
     def _spin_on(self, backend: StorageBackend, fd: int | None) -> None:
         """Point busy polling at ``backend``'s current descriptor (a reconnection changes it)."""
         busy = self.busy_poll
-        if busy is None or self._spun.get(backend) == fd:
+        if busy is None:
+            return
+        key = None
+        if fd is not None:
+            try:
+                key = (fd, os.fstat(fd).st_ino)
+            except OSError:  # closed meanwhile: the next look finds its successor
+                fd = None
+        if self._spun.get(backend) == key:
             return
         self._unspin(backend)
-        if fd is not None:
+        if fd is not None and key is not None:
             # A spin that finds the descriptor readable services the back-end itself: the
             # drive task stays parked in its wait (and copes with finding nothing later).
             busy.watch(fd, partial(self._service, backend.service, threading.get_ident()))
-            self._spun[backend] = fd
+            self._spun[backend] = key
 
     def _unspin(self, backend: StorageBackend) -> None:
-        fd = self._spun.pop(backend, None)
-        if fd is not None and self.busy_poll is not None:
-            self.busy_poll.unwatch(fd)
+        key = self._spun.pop(backend, None)
+        if key is not None and self.busy_poll is not None:
+            self.busy_poll.unwatch(key[0])
 
     async def _drive(self, backend: StorageBackend) -> None:
         scope = self._scopes.get(backend)
@@ -141,8 +155,10 @@ class BackendPoller:
         poll_fileno = backend.poll_fileno
         serve = partial(self._service, backend.service, threading.get_ident())
         waiting = self._waiting
-        wait_readable = trio.lowlevel.wait_readable
         busy = self.busy_poll
+        # The descriptor is its spin handler's while the loop waits in the spinner's epoll:
+        # trio must not wait on it too (BusyPoll.wait_readable parks this task then).
+        wait_readable = busy.wait_readable if busy is not None else trio.lowlevel.wait_readable
         with scope:
             while True:
                 fd = poll_fileno()

@@ -17,6 +17,17 @@ the kick's write and its own wake-up. Before the spinner parks, the rings are ma
 again and looked at once more, so nothing made available meanwhile waits for a kick that was
 never sent (QEMU's virtio_queue_host_notifier_aio_poll does the same for its own devices).
 
+While the spinner runs, the loop also sleeps in an epoll of ours (`BusyPoll.sleep_here`): trio's
+I/O manager waits there, in a set of the descriptors that have a handler and trio's own epoll
+descriptor. A handler's descriptor is then the handler's alone: its task waits through
+`BusyPoll.wait_readable`, which parks it instead of registering the descriptor with trio (else
+trio's epoll would be readable for the same event and every wait would cost two). An event
+is served where the loop sleeps, with no trip through trio's scheduler and no task switch
+(these cost more here than a request); anything else (a descriptor a task waits on, a thread's
+or a signal's wake-up) makes trio's epoll readable and trio collects it, and trio's timeout
+(its deadlines, its idle waiters) bounds the wait. One epoll for everything, as QEMU's
+AioContext.
+
 It knows nothing about any device type: the device says which descriptors are hot (`watch`)
 when work was done (`activity`), and whether spinning is worth it now (``worth_it``: a device
 with many requests in flight keeps the loop busy anyway, and on a small machine the CPU is
@@ -31,7 +42,7 @@ import os
 import select
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -66,6 +77,41 @@ def _others_runnable() -> Callable[[], bool]:
 
 
 logger = logging.getLogger(__name__)
+
+
+class _SleepingIOManager:
+    """trio's I/O manager, but for its wait for events (`get_events`), which `BusyPoll` takes
+    in its own epoll. Everything else is the real manager's."""
+
+    def __init__(self, real: Any, wait: Callable[[float, Callable[[float], Any]], Any]) -> None:
+        self._real = real
+        self._real_get_events = real.get_events
+        self._wait = wait
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def get_events(self, timeout: float) -> Any:
+        """What the real one would give, after our handlers' events were served."""
+        return self._wait(timeout, self._real_get_events)
+
+
+def _install_loop_wait(busy: BusyPoll) -> tuple[Any, _SleepingIOManager, int] | None:
+    """Make the running trio loop wait for events in ``busy``'s epoll: the runner, the manager
+    put in, and trio's epoll descriptor; None where this trio keeps its I/O manager otherwise
+    (the loop then waits as it always did)."""
+    try:
+        from trio._core._run import GLOBAL_RUN_CONTEXT
+
+        runner: Any = GLOBAL_RUN_CONTEXT.runner
+        real = runner.io_manager
+        fd = real._epoll.fileno()
+        hooked = _SleepingIOManager(real, busy._loop_wait)
+        runner.io_manager = hooked
+    except Exception as exc:
+        logger.debug("busy poll: the loop keeps its own wait: %r", exc)
+        return None
+    return runner, hooked, fd
 
 
 class RingProbe(Protocol):
@@ -161,6 +207,16 @@ class BusyPoll:
         self._unclaimed = 0  # hits in a row that no `activity` followed
         self._parked: trio.lowlevel.Task | None = None
         self._parked_at = 0
+        #: Take the loop's wait for events in our epoll while `run` runs (module notes).
+        self.sleep_here = True
+        #: The loop's waits in our epoll that found events, and the events served there.
+        self.sleeps = 0
+        self.sleep_dispatched = 0
+        self._wait_epoll = select.epoll()  # the handlers' descriptors and trio's epoll
+        self._loop_fd = -1  # trio's epoll descriptor while the loop waits in ours
+        self._owned: dict[int, trio.lowlevel.Task] = {}  # fd -> its task, parked
+        self._closing: set[int] = set()  # parked tasks woken by notify_closing
+        self._others_runnable: Callable[[], bool] = bool
         #: How long the spinner may keep serving handled events without a trip through the
         #: loop (its timers and the descriptors nobody spins on wait at most this long).
         self.slice_ns = DEFAULT_SLICE_NS
@@ -212,15 +268,58 @@ class BusyPoll:
         self._watched[fd] = dup
         if handler is not None:
             self._handlers[dup] = handler
+            self._wait_epoll.register(dup, select.EPOLLIN)
 
     def unwatch(self, fd: int) -> None:
         """Stop spinning on ``fd``."""
         dup = self._watched.pop(fd, None)
         if dup is not None:
-            self._handlers.pop(dup, None)
+            if self._handlers.pop(dup, None) is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    self._wait_epoll.unregister(dup)
             with contextlib.suppress(OSError, ValueError):
                 self._epoll.unregister(dup)
             os.close(dup)
+        self.wake(fd)  # its task waits for trio again
+
+    async def wait_readable(self, fd: int) -> None:
+        """For the task that serves a watched descriptor: wait until ``fd`` may be readable.
+
+        While the loop waits in our epoll and ``fd`` has a handler, the handler serves every
+        event of ``fd`` and this parks until that ends (`unwatch`, the spinner's end) or
+        `wake`, or raises `trio.ClosedResourceError` after `notify_closing`; otherwise it is
+        trio's `wait_readable`. Either way the caller must cope with finding nothing to read
+        (the handler may have taken it).
+        """
+        dup = self._watched.get(fd)
+        if self._loop_fd < 0 or dup is None or dup not in self._handlers or fd in self._owned:
+            await trio.lowlevel.wait_readable(fd)
+            return
+        task = trio.lowlevel.current_task()
+        self._owned[fd] = task
+
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            if self._owned.get(fd) is task:
+                del self._owned[fd]
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        if fd in self._closing:
+            self._closing.discard(fd)
+            raise trio.ClosedResourceError("another task closed this fd")
+
+    def wake(self, fd: int) -> None:
+        """Wake the task parked in `wait_readable` for ``fd``, if any (it returns)."""
+        task = self._owned.pop(fd, None)
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    def notify_closing(self, fd: int) -> None:
+        """`trio.lowlevel.notify_closing` for a task parked in `wait_readable` (call both
+        before closing ``fd``): it raises `trio.ClosedResourceError`."""
+        if fd in self._owned:
+            self._closing.add(fd)
+            self.wake(fd)
 
     def activity(self) -> None:
         """A watched descriptor's event was handled: adapt the window to the wait that ended
@@ -248,6 +347,11 @@ class BusyPoll:
         yield_cpu = os.sched_yield
         others_runnable = _others_runnable()
         task = trio.lowlevel.current_task()
+        self._others_runnable = others_runnable
+        hook = _install_loop_wait(self) if self.sleep_here else None
+        if hook is not None:
+            self._wait_epoll.register(hook[2], select.EPOLLIN)
+            self._loop_fd = hook[2]
         task_status.started()
         try:
             while True:
@@ -319,6 +423,63 @@ class BusyPoll:
             self._parked = None
             if self._quiet:
                 self._make_loud()
+            if hook is not None:
+                runner, hooked, fd = hook
+                if runner.io_manager is hooked:
+                    runner.io_manager = hooked._real
+                self._loop_fd = -1
+                with contextlib.suppress(OSError, ValueError):
+                    self._wait_epoll.unregister(fd)
+                for owned in list(self._owned):
+                    self.wake(owned)  # their descriptors are trio's again
+
+    def _loop_wait(self, timeout: float, loop_get_events: Callable[[float], Any]) -> Any:
+        """The loop's wait for events (up to ``timeout`` seconds), taken in our epoll.
+
+        Our set holds the handlers' descriptors and trio's epoll descriptor, which is
+        readable whenever a descriptor a task waits on through trio is ready or a thread or a
+        signal woke the loop: then trio collects its events (a zero-timeout look). Handlers'
+        events are served here, and the wait goes on until a handler woke a task, trio has
+        events, or the timeout is over.
+        """
+        if self._loop_fd < 0:
+            return loop_get_events(timeout)
+        poll = self._wait_epoll.poll
+        handlers = self._handlers
+        loop_fd = self._loop_fd
+        others_runnable = self._others_runnable
+        end = 0.0
+        if timeout > 0:
+            end = time.perf_counter() + timeout
+        # A handler that leaves its descriptor readable (a bug, or a queue being stopped)
+        # must not keep the loop here: after this many rounds trio gets its trip.
+        rounds = _MAX_UNCLAIMED
+        while True:
+            events = poll(timeout)
+            if not events:
+                return events  # timed out (or nothing ready at a zero timeout)
+            self.sleeps += 1
+            loop_ready = False
+            for fd, _ in events:
+                if fd == loop_fd:
+                    loop_ready = True
+                    continue
+                handler = handlers.get(fd)
+                if handler is None:
+                    continue  # unwatched by an earlier handler of this batch
+                self.sleep_dispatched += 1
+                try:
+                    handler()
+                except Exception:
+                    logger.exception("busy poll: a handler failed")
+            if loop_ready:
+                return loop_get_events(0)
+            rounds -= 1
+            if timeout <= 0 or not rounds or others_runnable():
+                return []  # a handler woke a task (or this was only a look)
+            timeout = end - time.perf_counter()
+            if timeout <= 0:
+                return []
 
     def _serve_rings(self, rings: tuple[RingProbe, ...]) -> bool:
         """Serve each polled ring whose avail idx moved; True if one did."""
@@ -372,3 +533,4 @@ class BusyPoll:
         for fd in list(self._watched):
             self.unwatch(fd)
         self._epoll.close()
+        self._wait_epoll.close()

@@ -3,8 +3,10 @@
 All protocol decisions are ``BackendConnection``'s; this module only reads exactly what it asks
 for (``recvmsg`` with SCM_RIGHTS), sends its replies, and runs one task per live queue that
 sleeps on the kick eventfd (``trio.lowlevel.wait_readable``), drains it, lets the device handle
-every available chain and signals the call eventfd once per batch. QEMU reconnects with
-``-chardev socket,...,reconnect=1``: when a front-end goes, the next one is accepted.
+every available chain and signals the call eventfd once per batch. With busy polling the kick's
+handler does the same where the loop waits (`BusyPoll`), and the task only stands by. QEMU
+reconnects with ``-chardev socket,...,reconnect=1``: when a front-end goes, the next one is
+accepted.
 
 Knows nothing about any device type.
 """
@@ -75,8 +77,10 @@ async def run_queue(
     index = vring.index
     handle = backend.handle_kick
     eventfd_read = os.eventfd_read
-    wait_readable = trio.lowlevel.wait_readable
     busy = backend.busy_poll
+    # With busy polling the kick is its handler's while the loop waits in the spinner's epoll
+    # (BusyPoll.wait_readable parks this task then): trio must not wait on it too.
+    wait_readable = busy.wait_readable if busy is not None else trio.lowlevel.wait_readable
     if busy is not None:
 
         def kicked() -> None:
@@ -209,7 +213,15 @@ def _drain(handle: Callable[[int, Vring], None], index: int, vring: Vring) -> No
 
 async def serve_connection(sock: trio.socket.SocketType, backend: VhostUserBackend) -> None:
     """Serve one front-end on a connected socket until it goes away or breaks the protocol."""
-    conn = BackendConnection(backend, fd_closing=trio.lowlevel.notify_closing)
+    busy = backend.busy_poll
+
+    def fd_closing(fd: int) -> None:
+        # Its queue's task may wait through trio or be parked by the busy poller.
+        trio.lowlevel.notify_closing(fd)
+        if busy is not None:
+            busy.notify_closing(fd)
+
+    conn = BackendConnection(backend, fd_closing=fd_closing)
     scopes: dict[int, trio.CancelScope] = {}
     try:
         async with trio.open_nursery() as nursery:
