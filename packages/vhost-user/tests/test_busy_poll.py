@@ -6,8 +6,9 @@ import os
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 
 import pytest
 import trio
@@ -70,12 +71,14 @@ def _write_later(fd: int, delay: float) -> threading.Thread:
 
 
 @asynccontextmanager
-async def spinning(busy: BusyPoll) -> AsyncIterator[int]:
-    """``busy`` running in a nursery and watching a fresh eventfd (yielded); all released
-    afterwards."""
+async def spinning(
+    busy: BusyPoll, handler: Callable[[int], None] | None = None
+) -> AsyncIterator[int]:
+    """``busy`` running in a nursery and watching a fresh eventfd (yielded), with
+    ``handler(fd)`` as its handler if given; all released afterwards."""
     fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     try:
-        busy.watch(fd)
+        busy.watch(fd, None if handler is None else partial(handler, fd))
         async with trio.open_nursery() as nursery:
             await nursery.start(busy.run)
             yield fd
@@ -383,33 +386,25 @@ def _write_every(fd: int, count: int, interval: float) -> threading.Thread:
 
 async def test_with_no_spinning_a_handler_is_served_in_the_sleep_without_a_loop_trip() -> None:
     busy = BusyPoll(0)  # spinning off: what is left is the sleep in our own epoll
-    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     served: list[int] = []
     done = trio.Event()
     events = 40
 
-    def handler() -> None:
+    def handler(fd: int) -> None:
         served.append(os.eventfd_read(fd))
         busy.activity()
         if sum(served) >= events:
             done.set()
 
     trips = _LoopTrips()
-    try:
-        busy.watch(fd, handler)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(busy.run)
-            trio.lowlevel.add_instrument(trips)
-            writer = _write_every(fd, events, 0.002)
-            with trio.fail_after(10):
-                await done.wait()  # no timers of ours meanwhile: only the events decide
-            counted = trips.trips
-            trio.lowlevel.remove_instrument(trips)
-            writer.join()
-            nursery.cancel_scope.cancel()
-    finally:
-        busy.close()
-        os.close(fd)
+    async with spinning(busy, handler) as fd:
+        trio.lowlevel.add_instrument(trips)
+        writer = _write_every(fd, events, 0.002)
+        with trio.fail_after(10):
+            await done.wait()  # no timers of ours meanwhile: only the events decide
+        counted = trips.trips
+        trio.lowlevel.remove_instrument(trips)
+        writer.join()
     assert sum(served) == events
     assert busy.spins == 0
     assert busy.sleep_dispatched == len(served)
@@ -419,12 +414,9 @@ async def test_with_no_spinning_a_handler_is_served_in_the_sleep_without_a_loop_
 
 async def test_the_loop_s_timers_threads_and_descriptors_still_wake_it() -> None:
     busy = BusyPoll(0)
-    watched = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     a, b = socket.socketpair()
     try:
-        busy.watch(watched, lambda: None)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(busy.run)
+        async with spinning(busy, lambda _: None):
             # A deadline: the sleep ends at it, and uses no CPU meanwhile.
             cpu = time.process_time()
             start = time.monotonic()
@@ -464,38 +456,27 @@ async def test_the_loop_s_timers_threads_and_descriptors_still_wake_it() -> None
             # loop's sleep while someone waits for it).
             with trio.fail_after(5):
                 await trio.testing.wait_all_tasks_blocked(cushion=0.01)
-            nursery.cancel_scope.cancel()
     finally:
-        busy.close()
-        os.close(watched)
         a.close()
         b.close()
 
 
 async def test_handlers_activity_in_the_sleep_grows_the_window_and_arms_spins() -> None:
     busy = BusyPoll(50_000_000)
-    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     served: list[int] = []
     done = trio.Event()
 
-    def handler() -> None:
+    def handler(fd: int) -> None:
         served.append(os.eventfd_read(fd))
         busy.activity()
         if sum(served) >= 30:
             done.set()
 
-    try:
-        busy.watch(fd, handler)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(busy.run)
-            writer = _write_every(fd, 30, 0.002)
-            with trio.fail_after(10):
-                await done.wait()
-            writer.join()
-            nursery.cancel_scope.cancel()
-    finally:
-        busy.close()
-        os.close(fd)
+    async with spinning(busy, handler) as fd:
+        writer = _write_every(fd, 30, 0.002)
+        with trio.fail_after(10):
+            await done.wait()
+        writer.join()
     assert busy.window_ns >= START_NS  # waits of 2 ms are worth catching under a 50 ms cap
     assert busy.spins >= 1
     assert busy.hits >= 1
@@ -585,48 +566,33 @@ async def test_a_handler_s_descriptor_is_the_handler_s_alone_while_the_loop_wait
 
 async def test_a_handler_that_leaves_its_descriptor_readable_does_not_keep_the_loop() -> None:
     busy = BusyPoll(0)
-    fd = os.eventfd(1, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # readable for good
     calls: list[bool] = []
-    try:
-        busy.watch(fd, lambda: calls.append(True))  # consumes nothing
-        async with trio.open_nursery() as nursery:
-            await nursery.start(busy.run)
-            start = time.monotonic()
-            for _ in range(5):
-                await trio.sleep(0.01)  # timers still fire, tasks still run
-            assert time.monotonic() - start < 2
-            assert calls
-            nursery.cancel_scope.cancel()
-    finally:
-        busy.close()
-        os.close(fd)
+    async with spinning(busy, lambda _: calls.append(True)) as fd:  # consumes nothing
+        os.eventfd_write(fd, 1)  # readable for good
+        start = time.monotonic()
+        for _ in range(5):
+            await trio.sleep(0.01)  # timers still fire, tasks still run
+        assert time.monotonic() - start < 2
+        assert calls
 
 
 async def test_notify_closing_wakes_a_parked_waiter_as_trio_s_would() -> None:
     busy = BusyPoll(0)
-    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     raised: list[BaseException] = []
 
-    async def waiter() -> None:
+    async def waiter(fd: int) -> None:
         try:
             await busy.wait_readable(fd)
         except trio.ClosedResourceError as exc:
             raised.append(exc)
 
-    try:
-        busy.watch(fd, lambda: None)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(busy.run)
-            nursery.start_soon(waiter)
-            await trio.sleep(0.01)
-            trio.lowlevel.notify_closing(fd)  # trio has no waiter for it: nothing happens
-            await trio.sleep(0.01)
-            assert not raised
-            busy.notify_closing(fd)
-            with trio.fail_after(5):
-                while not raised:
-                    await trio.sleep(0.001)
-            nursery.cancel_scope.cancel()
-    finally:
-        busy.close()
-        os.close(fd)
+    async with spinning(busy, lambda _: None) as fd, trio.open_nursery() as nursery:
+        nursery.start_soon(waiter, fd)
+        await trio.sleep(0.01)
+        trio.lowlevel.notify_closing(fd)  # trio has no waiter for it: nothing happens
+        await trio.sleep(0.01)
+        assert not raised
+        busy.notify_closing(fd)
+        with trio.fail_after(5):
+            while not raised:
+                await trio.sleep(0.001)

@@ -16,6 +16,7 @@ Knows nothing about SCSI or virtio.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -121,17 +122,16 @@ class BackendPoller:
             return
         key = None
         if fd is not None:
-            try:
+            # Closed meanwhile (OSError): the next look finds its successor.
+            with contextlib.suppress(OSError):
                 key = (fd, os.fstat(fd).st_ino)
-            except OSError:  # closed meanwhile: the next look finds its successor
-                fd = None
         if self._spun.get(backend) == key:
             return
         self._unspin(backend)
-        if fd is not None and key is not None:
+        if key is not None:
             # A spin that finds the descriptor readable services the back-end itself: the
             # drive task stays parked in its wait (and copes with finding nothing later).
-            busy.watch(fd, partial(self._service, backend.service, threading.get_ident()))
+            busy.watch(key[0], partial(self._service, backend.service, threading.get_ident()))
             self._spun[backend] = key
 
     def _unspin(self, backend: StorageBackend) -> None:
